@@ -1,0 +1,106 @@
+"""Running the worker: bind the socket, refuse unsafe setups, serve with uvicorn.
+
+The socket is bound here (not by uvicorn) so the real address is known before serving: with
+``--port 0`` the CLI can print the port it got, which tests and scripts rely on.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from ..errors import UsageError
+from .app import WorkerOptions, create_app
+from .store import Store, StoreError
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything ``staging-cli worker`` needs."""
+
+    dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8081
+    token: str | None = None
+    insecure: bool = False
+    max_size: int | None = None
+    min_free: int = 0
+    expiry: float = 24 * 3600.0
+    idle_timeout: float = 60.0
+    log_level: str = "warning"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another --port") from exc
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def uvicorn_config(app: object, log_level: str = "warning") -> uvicorn.Config:
+    """The uvicorn settings every server of the toolkit uses (the benchmark sink too)."""
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        http="httptools",
+        loop="asyncio",
+        lifespan="on",
+        log_level=log_level,
+        access_log=False,
+        timeout_keep_alive=75,
+        timeout_graceful_shutdown=5,
+    )
+
+
+def run_worker(config: WorkerConfig, on_listening: Callable[[str], None] | None = None) -> None:
+    """Open the store and serve until interrupted."""
+    if not config.token and not is_loopback(config.host) and not config.insecure:
+        raise UsageError(
+            f"refusing to listen on {config.host} without a token: anyone on the network could "
+            "write to this worker. Pass --token (or STAGING_CLI_WORKER_TOKEN), or --insecure"
+        )
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    store = Store(
+        config.dir, max_size=config.max_size, expiry=config.expiry, min_free=config.min_free
+    )
+    try:
+        store.open()
+    except StoreError as exc:
+        raise UsageError(exc.message) from exc
+    except OSError as exc:
+        raise UsageError(f"cannot use {config.dir} as the worker's store: {exc}") from exc
+    try:
+        sock = bind(config.host, config.port)
+        app = create_app(store, WorkerOptions(token=config.token, idle_timeout=config.idle_timeout))
+        server = uvicorn.Server(uvicorn_config(app, config.log_level))
+        if on_listening is not None:
+            on_listening(url_of(sock))
+        server.run(sockets=[sock])
+    finally:
+        store.close()

@@ -1,0 +1,137 @@
+"""Test helpers shared by the suite: real servers on loopback, started and always stopped."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from staging_cli.worker.app import WorkerOptions, create_app
+from staging_cli.worker.server import bind, url_of, uvicorn_config
+from staging_cli.worker.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RunningWorker:
+    url: str
+    store: Store
+    dir: Path
+    token: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+
+@contextlib.contextmanager
+def serve_app(app: Any, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve an ASGI app with uvicorn in a thread on a free port; yields its base URL."""
+    sock = bind(host, 0)
+    server = uvicorn.Server(uvicorn_config(app))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("test server did not start")
+        time.sleep(0.01)
+    try:
+        yield url_of(sock)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@contextlib.contextmanager
+def run_worker_in_thread(
+    directory: Path,
+    *,
+    token: str | None = None,
+    idle_timeout: float = 5.0,
+    **store_kwargs: Any,
+) -> Iterator[RunningWorker]:
+    store = Store(directory, **store_kwargs)
+    store.open()
+    try:
+        app = create_app(store, WorkerOptions(token=token, idle_timeout=idle_timeout))
+        with serve_app(app) as url:
+            yield RunningWorker(url=url, store=store, dir=directory, token=token)
+    finally:
+        store.close()
+
+
+def cli_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """Environment for a CLI subprocess with its own config, state and cache dirs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STAGING_CLI_")}
+    env.update(
+        STAGING_CLI_CONFIG_DIR=str(tmp / "config"),
+        STAGING_CLI_STATE_DIR=str(tmp / "state"),
+        STAGING_CLI_CACHE_DIR=str(tmp / "cache"),
+        STAGING_CLI_DATA_DIR=str(tmp / "data"),
+    )
+    env.update(extra)
+    return env
+
+
+@contextlib.contextmanager
+def worker_process(
+    directory: Path, *args: str, port: int = 0, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """``staging-cli worker`` as a real subprocess; yields (process, url). Always killed."""
+    cmd = [sys.executable, "-m", "staging_cli", "worker", "--dir", str(directory),
+           "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env or cli_env(directory.parent))
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("listening on "):
+            proc.kill()
+            raise RuntimeError(f"worker did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
+        yield proc, line.split()[-1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_file(path: Path, size: int, seed: int = 0) -> Path:
+    """A file of pseudo-random bytes (fast to generate, incompressible enough)."""
+    import random
+
+    rng = random.Random(seed)
+    block = rng.randbytes(1 << 20)
+    with path.open("wb") as fh:
+        remaining = size
+        i = 0
+        while remaining > 0:
+            n = min(remaining, len(block))
+            # vary each MiB so chunks differ
+            fh.write(i.to_bytes(8, "little") + block[8:n] if n >= 8 else block[:n])
+            remaining -= n
+            i += 1
+    return path
