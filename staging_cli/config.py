@@ -6,14 +6,14 @@ config file as Click's ``default_map`` so the file slots in below both. Nothing 
 environment at import time: every function takes the environment it should look at.
 
 The config file is ``config.toml`` in the platformdirs user config dir (``STAGING_CLI_CONFIG_DIR``
-moves it). Top-level keys apply to every command that has an option of that name; a table named
-after a command (``[stage]``, ``[worker]``, ``[status]``) overrides them for that command::
+moves it). Top-level keys apply to every command that has an option of that name; a table
+``[commands.NAME]`` overrides them for that command::
 
     worker = "http://gpu-1:8081"
     token = "s3cret"
     chunk_size = "64MiB"
 
-    [worker]
+    [commands.worker]
     dir = "/srv/staging"
     port = 8081
 """
@@ -99,9 +99,17 @@ def default_map(config: Mapping[str, Any], commands: Mapping[str, set[str]]) -> 
     """Turn the config file into Click's ``default_map``.
 
     ``commands`` maps each command name to the option names it has. Top-level scalar keys go
-    to every command that has that option; a table named after a command overrides them.
+    to every command that has that option; ``[commands.NAME]`` overrides them for NAME.
     Keys may use ``-`` or ``_``.
     """
+    tables = config.get("commands", {})
+    if not isinstance(tables, dict):
+        raise ConfigError("config file: 'commands' must be a table of [commands.NAME] tables")
+    for name in tables:
+        if name not in commands:
+            raise ConfigError(
+                f"config file: there is no command {name!r}; known: {', '.join(sorted(commands))}"
+            )
 
     def norm(key: str) -> str:
         return key.replace("-", "_")
@@ -110,12 +118,12 @@ def default_map(config: Mapping[str, Any], commands: Mapping[str, set[str]]) -> 
     result: dict[str, Any] = {}
     for command, options in commands.items():
         values = {k: v for k, v in top.items() if k in options}
-        table = config.get(command)
+        table = tables.get(command)
         if isinstance(table, dict):
             for key, value in table.items():
                 if norm(key) not in options:
                     raise ConfigError(
-                        f"config file: [{command}] has no option {key!r}; "
+                        f"config file: [commands.{command}] has no option {key!r}; "
                         f"known: {', '.join(sorted(options))}"
                     )
                 values[norm(key)] = value

@@ -52,7 +52,9 @@ TUS_HEADERS = {"Tus-Resumable": tus.TUS_VERSION}
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return PlainTextResponse(message + "\n", status_code=status, headers={**TUS_HEADERS, **(headers or {})})
+    return PlainTextResponse(
+        message + "\n", status_code=status, headers={**TUS_HEADERS, **(headers or {})}
+    )
 
 
 class BearerAuth:
@@ -80,7 +82,8 @@ class BearerAuth:
             )
         elif scheme.lower() != b"bearer" or not hmac.compare_digest(credential.strip(), self.token):
             response = _error(
-                403, "the bearer token is not valid for this worker: check --token",
+                403,
+                "the bearer token is not valid for this worker: check --token",
                 {"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )
         else:
@@ -156,7 +159,9 @@ class WorkerApp:
                 kept = await writer.abort(keep=True)
                 reason = "idle timeout" if isinstance(exc, TimeoutError) else "disconnect"
                 log.info("upload %s: body ended early (%s); offset now %d", upload.id, reason, kept)
-                return _error(408, f"the request body stalled or was cut ({reason}); offset is {kept}")
+                return _error(
+                    408, f"the request body stalled or was cut ({reason}); offset is {kept}"
+                )
             except BaseException:
                 await writer.abort(keep=False)
                 raise
@@ -189,7 +194,9 @@ class WorkerApp:
             return _error(400, "creation-defer-length is not supported: send Upload-Length")
         try:
             length = tus.parse_offset(request.headers.get("upload-length"), "Upload-Length")
-            metadata = tus.validate_metadata(tus.decode_metadata(request.headers.get("upload-metadata")))
+            metadata = tus.validate_metadata(
+                tus.decode_metadata(request.headers.get("upload-metadata"))
+            )
         except tus.HeaderError as exc:
             return _error(400, str(exc))
         body_type = request.headers.get("content-type")
@@ -232,7 +239,9 @@ class WorkerApp:
         try:
             upload = self.store.get(request.path_params["upload_id"])
         except StoreError as exc:
-            return Response(status_code=exc.status, headers={**TUS_HEADERS, "Cache-Control": "no-store"})
+            return Response(
+                status_code=exc.status, headers={**TUS_HEADERS, "Cache-Control": "no-store"}
+            )
         headers = {
             **_upload_headers(upload),
             "Upload-Length": str(upload.record.length),
@@ -259,7 +268,9 @@ class WorkerApp:
         result = await self._receive_chunk(request, upload, offset, checksum)
         if isinstance(result, Response):
             return result
-        return Response(status_code=204, headers={**_upload_headers(upload), "Upload-Offset": str(result)})
+        return Response(
+            status_code=204, headers={**_upload_headers(upload), "Upload-Offset": str(result)}
+        )
 
     async def delete(self, request: Request) -> Response:
         if (bad := self._check_tus(request)) is not None:
@@ -298,7 +309,9 @@ class WorkerApp:
             Route("/uploads", self.discover, methods=["OPTIONS"], include_in_schema=False),
             Route("/uploads", self.create, methods=["POST"]),
             Route("/uploads", self.lookup, methods=["GET"]),
-            Route("/uploads/{upload_id}", self.discover, methods=["OPTIONS"], include_in_schema=False),
+            Route(
+                "/uploads/{upload_id}", self.discover, methods=["OPTIONS"], include_in_schema=False
+            ),
             Route("/uploads/{upload_id}", self.head_upload, methods=["HEAD"], name="upload"),
             Route("/uploads/{upload_id}", self.patch, methods=["PATCH"]),
             Route("/uploads/{upload_id}", self.delete, methods=["DELETE"]),

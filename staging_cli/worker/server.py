@@ -53,7 +53,9 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host.strip("[]"), port))
     except OSError as exc:
         sock.close()
-        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another --port") from exc
+        raise UsageError(
+            f"cannot listen on {host}:{port}: {exc.strerror}; pick another --port"
+        ) from exc
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock

@@ -161,7 +161,8 @@ class Store:
         except BlockingIOError:
             os.close(fd)
             raise StoreError(
-                500, f"another worker process already uses {self.root}: give each worker its own --dir"
+                500,
+                f"another worker process already uses {self.root}: give each worker its own --dir",
             ) from None
         self._lock_fd = fd
         for entry in self.blobs_dir.iterdir():
@@ -199,7 +200,9 @@ class Store:
             # Bytes past the acknowledged offset belong to a chunk that was never acknowledged.
             os.truncate(part, record.offset)
         elif size < record.offset:
-            log.error("upload %s: data (%d) shorter than its record (%d)", upload_id, size, record.offset)
+            log.error(
+                "upload %s: data (%d) shorter than its record (%d)", upload_id, size, record.offset
+            )
             record.offset = size
         self._uploads[upload_id] = Upload(record=record)
 
@@ -301,6 +304,8 @@ class Store:
         _write_atomic(self._info(upload_id), json.dumps(asdict(record)).encode())
         upload = Upload(record=record, hasher=hashlib.sha256())
         self._uploads[upload_id] = upload
+        if length == 0:
+            self._finalize(upload, upload.hasher.hexdigest())
         return upload
 
     def get(self, upload_id: str) -> Upload:
@@ -337,9 +342,7 @@ class Store:
     def sweep_expired(self) -> list[str]:
         """Remove idle uploads past their expiry; returns their ids."""
         now = self._clock()
-        gone = [
-            u for u in self._uploads.values() if not u.busy and u.record.expires <= now
-        ]
+        gone = [u for u in self._uploads.values() if not u.busy and u.record.expires <= now]
         for upload in gone:
             log.info("upload %s expired at offset %d; removed", upload.id, upload.record.offset)
             self._discard(upload)

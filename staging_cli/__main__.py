@@ -1,0 +1,3 @@
+from staging_cli.cli import main
+
+main()

@@ -1,0 +1,90 @@
+"""``staging-cli worker``: run the reference worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..config import DEFAULT_IDLE_TIMEOUT, DEFAULT_UPLOAD_EXPIRY, DEFAULT_WORKER_PORT
+from ..errors import StagingError
+from ..worker.server import WorkerConfig, run_worker
+from .common import env, fail, size_option
+
+
+def worker(
+    dir: Annotated[
+        Path,
+        typer.Option(
+            "--dir", "-d", help="Store directory (uploads and blobs).", envvar=env("worker_dir")
+        ),
+    ],
+    host: Annotated[
+        str, typer.Option(help="Address to listen on.", envvar=env("worker_host"))
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(help="Port to listen on (0: any free port).", envvar=env("worker_port"))
+    ] = DEFAULT_WORKER_PORT,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            help="Bearer token clients must send (never printed).",
+            envvar=env("worker_token"),
+            show_default=False,
+        ),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Allow a non-loopback address without a token.")
+    ] = False,
+    max_size: Annotated[
+        str | None,
+        typer.Option(
+            help="Largest upload accepted, e.g. 100GiB (default: no limit).",
+            envvar=env("worker_max_size"),
+            show_default=False,
+        ),
+    ] = None,
+    min_free: Annotated[
+        str, typer.Option(help="Disk space to always keep free.", envvar=env("worker_min_free"))
+    ] = "0",
+    expiry: Annotated[
+        float, typer.Option(help="Seconds an idle upload is kept.", envvar=env("worker_expiry"))
+    ] = DEFAULT_UPLOAD_EXPIRY,
+    idle_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a request body may stall before the upload is released.",
+            envvar=env("worker_idle_timeout"),
+        ),
+    ] = DEFAULT_IDLE_TIMEOUT,
+    log_level: Annotated[
+        str, typer.Option(help="debug, info, warning or error.", envvar=env("worker_log_level"))
+    ] = "warning",
+) -> None:
+    """Run the reference worker: tus uploads into a content-addressed store under --dir.
+
+    Prints "listening on URL" once it accepts connections.
+    """
+    config = WorkerConfig(
+        dir=dir,
+        host=host,
+        port=port,
+        token=token,
+        insecure=insecure,
+        max_size=size_option(max_size),
+        min_free=size_option(min_free) or 0,
+        expiry=expiry,
+        idle_timeout=idle_timeout,
+        log_level=log_level,
+    )
+
+    def announce(url: str) -> None:
+        print(f"listening on {url}", flush=True)
+
+    try:
+        run_worker(config, on_listening=announce)
+    except StagingError as exc:
+        fail(exc, exc.exit_code)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None

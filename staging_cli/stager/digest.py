@@ -1,0 +1,128 @@
+"""Whole-file sha256, computed once per file version and cached.
+
+The cache key is the file's identity and version as the filesystem reports it: device, inode,
+size, mtime_ns and ctime_ns. Any write to the file changes mtime/ctime, so a cached digest is
+never served for different content (short of someone forging timestamps). The cache is a SQLite
+file in the user cache dir, safe for several processes at once; losing it only costs a re-hash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+HASH_BLOCK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FileVersion:
+    """What identifies one version of one file."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, path: Path | str) -> FileVersion:
+        st = os.stat(path)
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class DigestCache:
+    """sha256 by FileVersion, in SQLite."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+
+    def _conn(self) -> sqlite3.Connection | None:
+        if self.path is None:
+            return None
+        if self._db is None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS digests (dev INTEGER, ino INTEGER, size INTEGER,"
+                    " mtime_ns INTEGER, ctime_ns INTEGER, sha256 TEXT NOT NULL, path TEXT,"
+                    " PRIMARY KEY (dev, ino, size, mtime_ns, ctime_ns))"
+                )
+            except sqlite3.Error:
+                # A broken cache must never stop a stage: it only costs a re-hash.
+                self.path = None
+                return None
+            self._db = db
+        return self._db
+
+    def get(self, version: FileVersion) -> str | None:
+        db = self._conn()
+        if db is None:
+            return None
+        try:
+            row = db.execute(
+                "SELECT sha256 FROM digests WHERE dev=? AND ino=? AND size=? AND mtime_ns=?"
+                " AND ctime_ns=?",
+                (version.dev, version.ino, version.size, version.mtime_ns, version.ctime_ns),
+            ).fetchone()
+        except sqlite3.Error:
+            return None
+        return str(row[0]) if row else None
+
+    def put(self, version: FileVersion, sha256: str, path: str = "") -> None:
+        db = self._conn()
+        if db is None:
+            return
+        with contextlib.suppress(sqlite3.Error):
+            db.execute(
+                "INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    version.dev,
+                    version.ino,
+                    version.size,
+                    version.mtime_ns,
+                    version.ctime_ns,
+                    sha256,
+                    path,
+                ),
+            )
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+async def hash_file(
+    path: Path, progress: Callable[[int, int], None] | None = None, block: int = HASH_BLOCK
+) -> str:
+    """sha256 of a file, read and hashed in a thread (hashlib releases the GIL), with the
+    next block read while the current one is hashed."""
+    loop = asyncio.get_running_loop()
+    hasher = hashlib.sha256()
+    size = os.stat(path).st_size
+    done = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pending = loop.run_in_executor(None, os.pread, fd, block, 0)
+        while True:
+            data = await pending
+            if not data:
+                break
+            offset = done + len(data)
+            pending = loop.run_in_executor(None, os.pread, fd, block, offset)
+            await loop.run_in_executor(None, hasher.update, data)
+            done = offset
+            if progress is not None:
+                progress(done, size)
+    finally:
+        os.close(fd)
+    return hasher.hexdigest()

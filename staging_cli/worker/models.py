@@ -1,0 +1,572 @@
+"""The worker's model registry: which models are recorded, their load state and their backends.
+
+A model is a name plus the blobs (by sha256) it is made of, plus optional backend parameters.
+Loading one (:meth:`ModelManager.load`) verifies every blob is in the store, records the model
+durably in ``DIR/models.json`` (written atomically: temp file, fsync, rename, fsync dir) and, when
+the worker has a backend command, starts a backend process for it and waits until it is healthy.
+
+States, as the KServe v2 / Triton repository index shows them::
+
+    (absent) --load--> LOADING --healthy / no backend--> READY --unload--> UNLOADING --> (absent)
+                          |                                 |
+                          +--fails / times out / abandoned--+--backend exits--> UNAVAILABLE
+
+Rules:
+
+* Loading a READY model with the same files and backend parameters is a no-op; different ones
+  replace it (the old backend is stopped first). Concurrent loads of the same model join the one
+  in flight; a load with a different spec while one is in flight is refused (409).
+* A load whose every caller has gone away is abandoned: its backend process is stopped. The
+  load's owner (the loader, run detached from end-user requests with its own size-scaled timeout)
+  is the one that decides how long a load may take; a backend nobody waits for must not keep
+  loading for half an hour.
+* The record is written once the blobs are verified, before the backend starts. A model whose
+  backend failed stays recorded (UNAVAILABLE, with the reason): its files stay protected from
+  garbage collection and a retry needs no new upload. Unloading removes the record; the blobs
+  stay until ``gc``.
+* After a worker restart the recorded models are listed as UNAVAILABLE ("recorded before the
+  worker restarted"): backends are not restarted automatically (a restart may well be the
+  consequence of a backend misbehaving), a load request brings them back.
+* Without a backend command a load verifies and records the model and it is READY for staging
+  purposes; inference requests for it are answered 501 by the proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .. import tus
+from ..budget import (
+    DEFAULT_LOAD_TIMEOUT_BASE,
+    DEFAULT_LOAD_TIMEOUT_CAP,
+    DEFAULT_LOAD_TIMEOUT_PER_GIB,
+    load_timeout,
+)
+from ..errors import InvalidModelName, LoadError
+from . import backend as backends
+from .store import Store
+
+log = logging.getLogger("staging_cli.worker.models")
+
+READY = "READY"
+LOADING = "LOADING"
+UNAVAILABLE = "UNAVAILABLE"
+UNLOADING = "UNLOADING"
+
+RECORD_FILE = "models.json"
+MODEL_DIRS = "model-dirs"
+DEFAULT_GC_MIN_AGE = 3600.0
+
+
+class ModelError(Exception):
+    """A refusal with the HTTP status the repository API answers with and a sentence."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """One file of a model: its blob's sha256 and, optionally, the name a backend expects."""
+
+    sha256: str
+    filename: str | None = None
+
+    def to_json(self) -> dict[str, str]:
+        out = {"sha256": self.sha256}
+        if self.filename is not None:
+            out["filename"] = self.filename
+        return out
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a load request asks for; equal specs make a repeated load a no-op."""
+
+    files: tuple[FileRef, ...]
+    backend: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, parameters: Any) -> ModelSpec:
+        """From a load request's ``parameters`` object (see repository.py for the body)."""
+        if not isinstance(parameters, Mapping):
+            raise ModelError(400, 'the load body needs {"parameters": {"files": [<sha256>, ...]}}')
+        raw_files = parameters.get("files")
+        if isinstance(raw_files, str):  # KServe parameters may be scalars only: "hex,hex"
+            raw_files = [part.strip() for part in raw_files.split(",") if part.strip()]
+        if not isinstance(raw_files, list) or not raw_files:
+            raise ModelError(
+                400, '"parameters.files" must list the model\'s files by sha256 (at least one)'
+            )
+        files: list[FileRef] = []
+        for item in raw_files:
+            if isinstance(item, str):
+                digest, filename = item, None
+            elif isinstance(item, Mapping) and isinstance(item.get("sha256"), str):
+                digest, filename = item["sha256"], item.get("filename")
+            else:
+                raise ModelError(
+                    400, 'each file is a sha256 hex string or {"sha256": ..., "filename": ...}'
+                )
+            digest = digest.lower().removeprefix("sha256:")
+            try:
+                tus.validate_sha256(digest)
+                if filename is not None:
+                    tus.validate_filename(str(filename))
+            except tus.HeaderError as exc:
+                raise ModelError(400, str(exc)) from exc
+            files.append(FileRef(digest, None if filename is None else str(filename)))
+        if len({f.sha256 for f in files}) != len(files):
+            raise ModelError(400, "a file is listed twice in parameters.files")
+        raw_backend = parameters.get("backend") or {}
+        if not isinstance(raw_backend, Mapping):
+            raise ModelError(400, '"parameters.backend" must be an object of placeholder values')
+        params: list[tuple[str, str]] = []
+        for key, value in raw_backend.items():
+            if not isinstance(key, str) or not key.isidentifier():
+                raise ModelError(400, f"backend parameter {key!r} is not an identifier")
+            if key in backends.BUILTIN_PLACEHOLDERS:
+                raise ModelError(400, f"backend parameter {key!r} is set by the worker itself")
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            if not isinstance(value, str | int | float):
+                raise ModelError(400, f"backend parameter {key!r} must be a string or a number")
+            params.append((key, str(value)))
+        return cls(tuple(files), tuple(sorted(params)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"files": [f.to_json() for f in self.files], "backend": dict(self.backend)}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> ModelSpec:
+        return cls.parse(raw)
+
+
+@dataclass
+class Model:
+    """A recorded model as the running worker knows it."""
+
+    name: str
+    spec: ModelSpec
+    state: str = UNAVAILABLE
+    reason: str = ""
+    backend: backends.Backend | None = None
+    backend_died: bool = False
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+    watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+    waiters: int = 0
+    recorded: float = 0.0
+
+    def public(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "state": self.state,
+            "reason": self.reason,
+            "files": [f.sha256 for f in self.spec.files],
+        }
+        if self.backend is not None and self.state == READY:
+            out["backend_url"] = self.backend.url
+            out["pid"] = self.backend.pid
+        return out
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _check_name(name: str) -> str:
+    try:
+        return tus.validate_model_name(name)
+    except InvalidModelName as exc:
+        raise ModelError(400, str(exc)) from exc
+
+
+class ModelManager:
+    """Recorded models, their states and backend processes, over one opened store.
+
+    ``backend_cmd`` is the command template (see :mod:`.backend`); None means no backend.
+    Call :meth:`open` once (it reads ``models.json``) and :meth:`aclose` at shutdown (it stops
+    every backend). All methods run on the worker's event loop.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        backend_cmd: str | None = None,
+        *,
+        timeout_base: float = DEFAULT_LOAD_TIMEOUT_BASE,
+        timeout_per_gib: float = DEFAULT_LOAD_TIMEOUT_PER_GIB,
+        timeout_cap: float = DEFAULT_LOAD_TIMEOUT_CAP,
+        stop_grace: float = 5.0,
+    ) -> None:
+        self.store = store
+        self.backend_cmd = backend_cmd
+        if backend_cmd is not None:
+            backends.parse_template(backend_cmd)  # refuse an unparsable template at startup
+        self.timeout_base = timeout_base
+        self.timeout_per_gib = timeout_per_gib
+        self.timeout_cap = timeout_cap
+        self.stop_grace = stop_grace
+        self._models: dict[str, Model] = {}
+        self._closed = False
+        self._opened = False
+        self._http: httpx.AsyncClient | None = None
+
+    def http_client(self) -> httpx.AsyncClient:
+        """The client the /v1 proxy talks to backends with (no read timeout: generation is slow)."""
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                timeout=httpx.Timeout(connect=10.0, read=None, write=60.0, pool=10.0),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
+            )
+        return self._http
+
+    # -- persistence -------------------------------------------------------------------------
+
+    @property
+    def record_path(self) -> Path:
+        return self.store.root / RECORD_FILE
+
+    def open(self) -> None:
+        """Read the recorded models; they start UNAVAILABLE until loaded again."""
+        self._opened = True
+        try:
+            raw = json.loads(self.record_path.read_bytes())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.error(
+                "cannot read %s (%s); starting with no recorded models", self.record_path, exc
+            )
+            return
+        for name, entry in (raw.get("models") or {}).items():
+            try:
+                spec = ModelSpec.from_json(entry)
+                _check_name(name)
+            except ModelError as exc:
+                log.error("dropping unreadable model record %r: %s", name, exc)
+                continue
+            missing = [f.sha256 for f in spec.files if self.store.blob_path(f.sha256) is None]
+            reason = (
+                "recorded before the worker restarted; backends are not restarted "
+                "automatically: load it again"
+            )
+            if missing:
+                reason = (
+                    f"recorded, but blob sha256:{missing[0]} is no longer in the store: "
+                    "stage it again, then load"
+                )
+            self._models[name] = Model(
+                name, spec, UNAVAILABLE, reason, recorded=float(entry.get("recorded", 0.0))
+            )
+
+    def _save(self) -> None:
+        body = {
+            "version": 1,
+            "models": {
+                m.name: {**m.spec.to_json(), "recorded": m.recorded}
+                for m in sorted(self._models.values(), key=lambda m: m.name)
+            },
+        }
+        _write_atomic(self.record_path, json.dumps(body, indent=1).encode())
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def index(self) -> list[dict[str, Any]]:
+        """The repository index: every recorded model, sorted by name."""
+        if not self._opened:
+            self.open()
+        return [m.public() for _, m in sorted(self._models.items())]
+
+    def get(self, name: str) -> Model | None:
+        return self._models.get(name)
+
+    def referenced_blobs(self) -> set[str]:
+        return {f.sha256 for m in self._models.values() for f in m.spec.files}
+
+    # -- load --------------------------------------------------------------------------------
+
+    def _verify(self, name: str, spec: ModelSpec) -> int:
+        """Every blob present; returns the model's total size."""
+        total = 0
+        for ref in spec.files:
+            size = self.store.blob_size(ref.sha256)
+            if size is None:
+                busy = self.store.find(ref.sha256)
+                detail = (
+                    f"its upload is in progress ({busy[0].record.offset} of "
+                    f"{busy[0].record.length} bytes): finish staging it, then load"
+                    if busy
+                    else "stage it first (staging-cli stage), then load"
+                )
+                raise ModelError(
+                    409 if busy else 404,
+                    f"model {name} names blob sha256:{ref.sha256}, which this worker does not "
+                    f"have: {detail}",
+                )
+            total += size
+        return total
+
+    async def load(self, name: str, spec: ModelSpec) -> Model:
+        """Load (or join the load of) ``name``; returns the model once READY.
+
+        Raises ModelError for requests that cannot work (bad name, missing blob, conflicting
+        load) and LoadError/LoadTimeout when the backend fails.
+        """
+        if self._closed:
+            raise ModelError(503, "the worker is shutting down")
+        if not self._opened:
+            self.open()
+        _check_name(name)
+        size = self._verify(name, spec)
+        model = self._models.get(name)
+        if model is not None and model.task is not None and not model.task.done():
+            if model.spec != spec:
+                raise ModelError(
+                    409,
+                    f"model {name} is being loaded with other files right now: wait for that "
+                    "load to finish (or unload it), then load again",
+                )
+            return await self._join(model, model.task)
+        if model is not None and model.state == UNLOADING:
+            raise ModelError(409, f"model {name} is being unloaded: load it again afterwards")
+        if model is not None and model.state == READY and model.spec == spec:
+            return model  # same files, same parameters: nothing to do
+        # From here to create_task there is no await: the record, the state and the task
+        # appear together, so a concurrent load joins and gc sees the blobs as referenced.
+        old_backend: backends.Backend | None = None
+        if model is None:
+            model = Model(name, spec)
+            self._models[name] = model
+        else:
+            old_backend, model.backend = model.backend, None
+            self._stop_watching(model)
+        model.spec = spec
+        model.state = LOADING
+        model.reason = ""
+        model.backend_died = False
+        model.recorded = time.time()
+        self._save()
+        model.task = asyncio.create_task(self._run_load(model, spec, size, old_backend))
+        return await self._join(model, model.task)
+
+    async def _join(self, model: Model, task: asyncio.Task[None]) -> Model:
+        model.waiters += 1
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and (current is None or not current.cancelling()):
+                raise LoadError(
+                    f"the load of model {model.name} was cancelled: "
+                    f"{model.reason or 'it was unloaded'}"
+                ) from None
+            raise
+        finally:
+            model.waiters -= 1
+            if model.waiters == 0 and not task.done():
+                log.warning("load of %s abandoned by every caller; stopping it", model.name)
+                model.reason = "the load was abandoned: every caller went away"
+                task.cancel()
+        return model
+
+    async def _run_load(
+        self, model: Model, spec: ModelSpec, size: int, old: backends.Backend | None
+    ) -> None:
+        backend: backends.Backend | None = None
+        try:
+            if old is not None:
+                await old.stop()
+            if self.backend_cmd is None:
+                model.state = READY
+                return
+            port = backends.free_loopback_port()
+            values = {
+                **dict(spec.backend),
+                "model": model.name,
+                "port": str(port),
+                "model_path": str(self.store.blob_path(spec.files[0].sha256)),
+            }
+            if "model_dir" in backends.placeholders(self.backend_cmd):
+                values["model_dir"] = str(self._model_dir(model.name, spec))
+            argv = backends.render_command(self.backend_cmd, values)
+            backend = backends.Backend(argv, port, model=model.name, grace=self.stop_grace)
+            model.backend = backend
+            timeout = load_timeout(size, self.timeout_base, self.timeout_per_gib, self.timeout_cap)
+            await backend.start(timeout)  # stops the process itself on any failure
+            model.state = READY
+            model.watcher = asyncio.create_task(self._watch(model, backend))
+        except LoadError as exc:
+            model.state = UNAVAILABLE
+            model.reason = str(exc)
+            model.backend = None
+            raise
+        except asyncio.CancelledError:
+            if backend is not None:
+                backend.kill_now()  # start() already stopped it; this is belt and braces
+            model.state = UNAVAILABLE
+            model.reason = model.reason or "the load was cancelled"
+            model.backend = None
+            raise
+        except Exception as exc:
+            if backend is not None:
+                await backend.stop()
+            model.state = UNAVAILABLE
+            model.reason = f"the load failed unexpectedly: {exc!r}"
+            model.backend = None
+            raise LoadError(model.reason) from exc
+
+    def _model_dir(self, name: str, spec: ModelSpec) -> Path:
+        """A directory of symlinks named like the model's files (never named after the model)."""
+        directory = self.store.root / MODEL_DIRS / hashlib.sha256(name.encode()).hexdigest()[:32]
+        if directory.exists():
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True)
+        for ref in spec.files:
+            target = self.store.blob_path(ref.sha256)
+            assert target is not None
+            (directory / (ref.filename or ref.sha256)).symlink_to(target)
+        return directory
+
+    async def _watch(self, model: Model, backend: backends.Backend) -> None:
+        code = await backend.wait()
+        if backend.stopping or model.backend is not backend:
+            return
+        model.state = UNAVAILABLE
+        model.backend_died = True
+        tail = backend.tail()
+        model.reason = f"the backend exited with code {code}: load the model again" + (
+            f"; its last output lines:\n{tail}" if tail else ""
+        )
+        log.error("backend for %s exited with code %s", model.name, code)
+        backend.kill_now()  # its helpers, if any
+
+    def _stop_watching(self, model: Model) -> None:
+        if model.watcher is not None:
+            model.watcher.cancel()
+            model.watcher = None
+
+    # -- unload ------------------------------------------------------------------------------
+
+    async def unload(self, name: str) -> None:
+        """Stop the model's backend (or its load in flight) and remove its record."""
+        _check_name(name)
+        if not self._opened:
+            self.open()
+        model = self._models.get(name)
+        if model is None or model.state == UNLOADING:
+            raise ModelError(404, f"model {name} is not loaded on this worker")
+        model.state = UNLOADING
+        model.reason = "unloading by request"
+        self._stop_watching(model)
+        if model.task is not None and not model.task.done():
+            model.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, LoadError):
+                await model.task
+        if model.backend is not None:
+            backend, model.backend = model.backend, None
+            await backend.stop()
+        if self._models.get(name) is model:
+            del self._models[name]
+            self._save()
+        shutil.rmtree(
+            self.store.root / MODEL_DIRS / hashlib.sha256(name.encode()).hexdigest()[:32],
+            ignore_errors=True,
+        )
+
+    # -- gc ----------------------------------------------------------------------------------
+
+    def gc(self, *, dry_run: bool, min_age: float = DEFAULT_GC_MIN_AGE) -> dict[str, Any]:
+        """Remove blobs no recorded model references (synchronous: no load can interleave).
+
+        Kept: blobs of recorded models (in any state), blobs whose content an upload in
+        progress is producing, and blobs younger than ``min_age`` seconds (a file staged a
+        moment ago whose load request is still on its way).
+        """
+        if not self._opened:
+            self.open()
+        referenced = self.referenced_blobs()
+        uploading = {u.record.sha256 for u in self.store.uploads() if u.record.sha256}
+        now = time.time()
+        removed: list[dict[str, Any]] = []
+        kept_young: list[str] = []
+        for digest, size in sorted(self.store.blobs().items()):
+            if digest in referenced or digest in uploading:
+                continue
+            path = self.store.blob_path(digest)
+            try:
+                age = now - path.stat().st_mtime if path is not None else float("inf")
+            except OSError:
+                age = float("inf")
+            if age < min_age:
+                kept_young.append(digest)
+                continue
+            if not dry_run:
+                self.store.remove_blob(digest)
+            removed.append({"sha256": digest, "size": size})
+        return {
+            "dry_run": dry_run,
+            "removed": removed,
+            "bytes_freed": sum(r["size"] for r in removed),
+            "kept_referenced": len(referenced & set(self.store.blobs())),
+            "kept_too_young": kept_young,
+            "min_age": min_age,
+        }
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Stop every load in flight and every backend (the worker's lifespan hook)."""
+        self._closed = True
+        tasks = [m.task for m in self._models.values() if m.task is not None and not m.task.done()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, LoadError):
+                await task
+        running = []
+        for model in self._models.values():
+            self._stop_watching(model)
+            if model.backend is not None:
+                running.append(model.backend)
+                model.backend = None
+                model.state = UNAVAILABLE
+                model.reason = "the worker shut down"
+        try:
+            await asyncio.gather(*(b.stop() for b in running))
+        finally:
+            for b in running:
+                b.kill_now()
+            if self._http is not None:
+                await self._http.aclose()
+                self._http = None
