@@ -9,11 +9,12 @@ import asyncio
 import hashlib
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
-from staging_cli.coordinator import JobSpec, JobStatus, Lease, Progress
-from staging_cli.errors import CoordinatorError, LostOwnership
+from staging_cli.coordinator import JobSpec, JobStatus, Lease, Progress, SQLiteCoordinator
+from staging_cli.errors import CoordinatorError, CoordinatorUnavailable, LostOwnership
 
 from .conftest import MakeCoordinator
 
@@ -258,3 +259,11 @@ async def test_close_releases_held_leases(make_coordinator: MakeCoordinator) -> 
     assert await a.acquire(spec, owner="a") is not None
     await a.aclose()
     assert await b.acquire(spec, owner="b") is not None
+
+
+async def test_sqlite_unopenable_path_is_unavailable(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    coord = SQLiteCoordinator(blocker / "sub" / "coordinator.sqlite3")
+    with pytest.raises(CoordinatorUnavailable, match="cannot open the coordinator database"):
+        await coord.open()
