@@ -1,0 +1,61 @@
+// A stock tus server (@tus/server + @tus/file-store) for staging-cli's interoperability tests.
+//
+//   node server.mjs DIRECTORY [PORT]
+//
+// Stores uploads under DIRECTORY (the upload's bytes in DIRECTORY/<id>, its info in
+// DIRECTORY/<id>.json), serves tus at /uploads on 127.0.0.1:PORT (0 or absent: any free
+// port) and prints exactly one line `listening on http://127.0.0.1:PORT` to stdout once it
+// accepts connections. Every request is logged to stderr as `METHOD URL -> STATUS`.
+// Nothing here is specific to staging-cli: it is the README's standalone server.
+import http from "node:http";
+import process from "node:process";
+
+import { FileStore } from "@tus/file-store";
+import { Server } from "@tus/server";
+
+const [directory, rawPort = "0"] = process.argv.slice(2);
+if (!directory) {
+  process.stderr.write("usage: node server.mjs DIRECTORY [PORT]\n");
+  process.exit(2);
+}
+const port = Number.parseInt(rawPort, 10);
+if (!Number.isInteger(port) || port < 0 || port > 65535) {
+  process.stderr.write(`not a port: ${rawPort}\n`);
+  process.exit(2);
+}
+
+const tus = new Server({
+  path: "/uploads",
+  datastore: new FileStore({ directory }),
+});
+
+const httpServer = http.createServer((req, res) => {
+  res.on("finish", () => {
+    process.stderr.write(`${req.method} ${req.url} -> ${res.statusCode}\n`);
+  });
+  tus.handle(req, res).catch((error) => {
+    process.stderr.write(`handler failed: ${error?.stack ?? error}\n`);
+    if (!res.headersSent) {
+      res.statusCode = 500;
+    }
+    res.end();
+  });
+});
+
+httpServer.on("error", (error) => {
+  process.stderr.write(`server error: ${error?.stack ?? error}\n`);
+  process.exit(1);
+});
+
+httpServer.listen({ host: "127.0.0.1", port }, () => {
+  const { port: bound } = httpServer.address();
+  process.stdout.write(`listening on http://127.0.0.1:${bound}\n`);
+});
+
+for (const signal of ["SIGTERM", "SIGINT"]) {
+  process.on(signal, () => {
+    httpServer.close();
+    httpServer.closeAllConnections();
+    process.exit(0);
+  });
+}
