@@ -146,12 +146,15 @@ class WorkerApp:
         """Stream one body into the upload. Returns the new offset or an error response."""
         if upload.busy:
             return _error(423, "another request is writing this upload; retry shortly")
+        try:
+            writer = self.store.begin(upload, offset, checksum)
+        except StoreError as exc:
+            return _error(exc.status, exc.message)
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and offset + int(length) > upload.record.length:
             return _error(413, "the chunk runs past Upload-Length")
         upload.busy = True
         try:
-            writer = self.store.begin(upload, offset, checksum)
             try:
                 async for piece in _body(request.receive, self.options.idle_timeout):
                     await writer.feed(piece)

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from staging_cli.worker.app import WorkerOptions, create_app
-from staging_cli.worker.demo_backend import demo_backend_cmd
+from staging_cli.worker.demo_backend import demo_backend_cmd, demo_gguf_bytes
 from staging_cli.worker.models import ModelManager
 from staging_cli.worker.repository import repository_routes
 from staging_cli.worker.store import Store
@@ -39,7 +39,9 @@ class Worker:
 
 
 @contextlib.contextmanager
-def worker(directory: Path, backend_cmd: str | None = None, **manager_kwargs: float) -> Iterator[Worker]:
+def worker(
+    directory: Path, backend_cmd: str | None = None, **manager_kwargs: float
+) -> Iterator[Worker]:
     """A worker with the repository routes, served on loopback; stops every backend after."""
     store = Store(directory)
     store.open()
@@ -108,20 +110,6 @@ def wait_gone(pid: int, seconds: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
-
-
-def gguf_bytes(name: str = "tiny-demo", arch: str = "llama") -> bytes:
-    """A minimal GGUF v3 header with general.architecture and general.name, then padding."""
-    def string(s: str) -> bytes:
-        raw = s.encode()
-        return len(raw).to_bytes(8, "little") + raw
-
-    kv = b""
-    kv += string("general.architecture") + (8).to_bytes(4, "little") + string(arch)
-    kv += string("general.alignment") + (4).to_bytes(4, "little") + (32).to_bytes(4, "little")
-    kv += string("general.name") + (8).to_bytes(4, "little") + string(name)
-    header = b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + (3).to_bytes(8, "little")
-    return header + kv + os.urandom(4096)
 
 
 # -- without a backend -------------------------------------------------------------------------
@@ -218,7 +206,7 @@ def test_gc_dry_run_then_real_never_removes_referenced_blobs(tmp_path: Path) -> 
 
 def test_demo_backend_load_chat_stream_unload(tmp_path: Path) -> None:
     with worker(tmp_path / "w", demo_backend_cmd(), timeout_base=30) as w, w.client() as c:
-        digest = upload(w.url, gguf_bytes("tiny-demo"))
+        digest = upload(w.url, demo_gguf_bytes("tiny-demo", padding=os.urandom(4096)))
         response = load(c, "demo/tiny:q4", digest)
         assert response.status_code == 200, response.text
         entry = response.json()
@@ -231,7 +219,8 @@ def test_demo_backend_load_chat_stream_unload(tmp_path: Path) -> None:
         assert again.status_code == 200 and again.json()["pid"] == pid
 
         chat = c.post("/v1/chat/completions",
-                      json={"model": "demo/tiny:q4", "messages": [{"role": "user", "content": "hi"}]})
+                      json={"model": "demo/tiny:q4",
+                            "messages": [{"role": "user", "content": "hi"}]})
         assert chat.status_code == 200, chat.text
         text = chat.json()["choices"][0]["message"]["content"]
         assert "demo backend" in text and digest[:12] in text
@@ -368,8 +357,8 @@ def test_backend_answering_503_times_out(tmp_path: Path) -> None:
         "    def log_message(self, *a): pass\n"
         "HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n"
     )
-    with worker(tmp_path / "w", f"{PY} {script} {{port}}", timeout_base=1, timeout_per_gib=0) as w, \
-            w.client() as c:
+    cmd = f"{PY} {script} {{port}}"
+    with worker(tmp_path / "w", cmd, timeout_base=1, timeout_per_gib=0) as w, w.client() as c:
         digest = upload(w.url, b"busy" * 10)
         response = load(c, "busy", digest)
         assert response.status_code == 504
