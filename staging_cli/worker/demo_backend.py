@@ -46,6 +46,22 @@ _GGUF_STRING = 8
 _GGUF_ARRAY = 9
 
 
+def demo_gguf_bytes(
+    name: str = "tiny-demo", architecture: str = "llama", padding: bytes = b"\0" * 64
+) -> bytes:
+    """A minimal GGUF v3 file (no tensors; general.architecture, general.alignment,
+    general.name) followed by ``padding``: a stand-in model for demos and tests."""
+
+    def string(text: str) -> bytes:
+        raw = text.encode()
+        return struct.pack("<Q", len(raw)) + raw
+
+    kv = string("general.architecture") + struct.pack("<I", _GGUF_STRING) + string(architecture)
+    kv += string("general.alignment") + struct.pack("<II", 4, 32)
+    kv += string("general.name") + struct.pack("<I", _GGUF_STRING) + string(name)
+    return GGUF_MAGIC + struct.pack("<IQQ", 3, 0, 3) + kv + padding
+
+
 def demo_backend_cmd() -> str:
     """The backend command template that runs this demo backend (``--demo-backend``)."""
     return (
