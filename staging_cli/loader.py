@@ -154,8 +154,10 @@ class Loader:
         if isinstance(body, dict) and isinstance(body.get("models"), list):
             body = body["models"]  # some KServe servers wrap the array
         if not isinstance(body, list):
-            raise LoadError(f"worker {self.url} answered the repository index with {body!r:.200}, "
-                            "not a list of models")
+            raise LoadError(
+                f"worker {self.url} answered the repository index with {body!r:.200}, "
+                "not a list of models"
+            )
         return [ModelState.from_json(e) for e in body if isinstance(e, dict)]
 
     async def state(self, name: str) -> ModelState | None:
@@ -184,8 +186,9 @@ class Loader:
         params: dict[str, Any] = dict(parameters or {})
         if files:
             try:
-                params["files"] = [tus.validate_sha256(f.lower().removeprefix("sha256:"))
-                                   for f in files]
+                params["files"] = [
+                    tus.validate_sha256(f.lower().removeprefix("sha256:")) for f in files
+                ]
             except tus.HeaderError as exc:
                 raise UsageError(f"cannot load model {name}: {exc}") from exc
         body: dict[str, Any] = {"parameters": params} if params else {}

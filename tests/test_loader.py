@@ -37,15 +37,23 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 @contextlib.contextmanager
-def worker(directory: Path, backend_cmd: str | None = None, token: str | None = None,
-           **manager_kwargs: float) -> Iterator[str]:
+def worker(
+    directory: Path,
+    backend_cmd: str | None = None,
+    token: str | None = None,
+    **manager_kwargs: float,
+) -> Iterator[str]:
     store = Store(directory)
     store.open()
     manager = ModelManager(store, backend_cmd, **manager_kwargs)
     manager.open()
     try:
-        app = create_app(store, WorkerOptions(token=token),
-                         extra_routes=repository_routes(manager), lifespan_hooks=[manager.aclose])
+        app = create_app(
+            store,
+            WorkerOptions(token=token),
+            extra_routes=repository_routes(manager),
+            lifespan_hooks=[manager.aclose],
+        )
         with serve_app(app) as url:
             yield url
     finally:
@@ -53,8 +61,11 @@ def worker(directory: Path, backend_cmd: str | None = None, token: str | None = 
 
 
 def upload(url: str, data: bytes, token: str | None = None) -> str:
-    headers = {"Tus-Resumable": "1.0.0", "Upload-Length": str(len(data)),
-               "Content-Type": "application/offset+octet-stream"}
+    headers = {
+        "Tus-Resumable": "1.0.0",
+        "Upload-Length": str(len(data)),
+        "Content-Type": "application/offset+octet-stream",
+    }
     if token:
         headers["Authorization"] = f"Bearer {token}"
     response = httpx.post(url + "/uploads", content=data, headers=headers)
@@ -97,7 +108,7 @@ def test_loader_against_our_worker_with_demo_backend(tmp_path: Path) -> None:
 
 
 def test_loader_reports_backend_failures(tmp_path: Path) -> None:
-    exits = f'{sys.executable} -c "import sys; print(\'bad magic\'); sys.exit(2)" {{port}}'
+    exits = f"{sys.executable} -c \"import sys; print('bad magic'); sys.exit(2)\" {{port}}"
     with worker(tmp_path / "w", exits) as url:
         digest = upload(url, b"x" * 10)
 
@@ -137,10 +148,13 @@ TRITON = "http://triton.test:8000"
 
 @respx.mock(assert_all_called=False)
 def test_loader_speaks_triton(respx_mock: respx.MockRouter) -> None:
-    respx_mock.post(f"{TRITON}/v2/repository/index").respond(200, json=[
-        {"name": "densenet_onnx", "version": "1", "state": "READY"},
-        {"name": "simple", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"},
-    ])
+    respx_mock.post(f"{TRITON}/v2/repository/index").respond(
+        200,
+        json=[
+            {"name": "densenet_onnx", "version": "1", "state": "READY"},
+            {"name": "simple", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"},
+        ],
+    )
     loaded = respx_mock.post(f"{TRITON}/v2/repository/models/densenet_onnx/load").respond(200)
     respx_mock.post(f"{TRITON}/v2/repository/models/missing/load").respond(
         400, json={"error": "failed to load 'missing', failed to poll from model repository"}
@@ -155,7 +169,9 @@ def test_loader_speaks_triton(respx_mock: respx.MockRouter) -> None:
             loader = Loader(client, TRITON)
             entries = await loader.index()
             assert [(e.name, e.version, e.state) for e in entries] == [
-                ("densenet_onnx", "1", "READY"), ("simple", "1", "UNAVAILABLE")]
+                ("densenet_onnx", "1", "READY"),
+                ("simple", "1", "UNAVAILABLE"),
+            ]
             assert entries[1].reason == "unloaded"
 
             state = await loader.load("densenet_onnx")

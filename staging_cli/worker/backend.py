@@ -30,7 +30,8 @@ import shlex
 import signal
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import httpx
 
@@ -98,6 +99,40 @@ def process_group_alive(pgid: int) -> bool:
     return True
 
 
+def process_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def reap_orphan(pid: int, start_time: int | None, grace: float = 5.0) -> bool:
+    """Stop the process group of a backend a previous worker process left behind.
+
+    A worker killed with SIGKILL cannot stop its backends (they run in their own sessions), so
+    their pids are recorded and the next worker calls this for each. The group is signalled only
+    if its leader is the very process recorded (same start time), or if the leader is gone but
+    the group lives on: Linux never hands out a pid that is still in use as a process group id,
+    so such a group can only be the recorded one. Returns whether anything was signalled.
+    """
+    current = process_start_time(pid)
+    if current is not None and current != start_time:
+        return False  # the pid was reused by an unrelated process
+    if not process_group_alive(pid):
+        return False
+    log.warning("stopping backend process group %d left behind by a previous worker", pid)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and process_group_alive(pid):
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    return True
+
+
 class Backend:
     """One backend process for one model: start, health wait, stop (the whole process group)."""
 
@@ -110,6 +145,7 @@ class Backend:
         health_path: str = "/health",
         grace: float = 5.0,
         poll_interval: float = 0.1,
+        on_spawn: Callable[[Backend], None] | None = None,
     ) -> None:
         self.argv = argv
         self.port = port
@@ -117,6 +153,8 @@ class Backend:
         self.health_path = health_path
         self.grace = grace
         self.poll_interval = poll_interval
+        self.on_spawn = on_spawn
+        self.start_time: int | None = None
         self.url = f"http://127.0.0.1:{port}"
         self.process: asyncio.subprocess.Process | None = None
         self.stopping = False
@@ -155,8 +193,11 @@ class Backend:
                 f"{exc.strerror or exc}; check --backend-cmd"
             ) from exc
         log.info("backend for %s started: pid %d, port %d", self.model, self.process.pid, self.port)
+        self.start_time = process_start_time(self.process.pid)
         self._drain = asyncio.create_task(self._read_output())
         try:
+            if self.on_spawn is not None:
+                self.on_spawn(self)
             await self._wait_healthy(timeout)
         except BaseException:
             await self.stop()

@@ -286,18 +286,34 @@ class ModelManager:
                     f"recorded, but blob sha256:{missing[0]} is no longer in the store: "
                     "stage it again, then load"
                 )
-            self._models[name] = Model(
+            model = Model(
                 name, spec, UNAVAILABLE, reason, recorded=float(entry.get("recorded", 0.0))
             )
+            self._models[name] = model
+            left = entry.get("backend_process")
+            if isinstance(left, dict) and isinstance(left.get("pid"), int):
+                start_time = left.get("start_time")
+                if backends.reap_orphan(
+                    left["pid"],
+                    start_time if isinstance(start_time, int) else None,
+                    self.stop_grace,
+                ):
+                    model.reason += (
+                        f" (its backend, pid {left['pid']}, left running by the previous "
+                        "worker process, was stopped)"
+                    )
+        self._save()
 
     def _save(self) -> None:
-        body = {
-            "version": 1,
-            "models": {
-                m.name: {**m.spec.to_json(), "recorded": m.recorded}
-                for m in sorted(self._models.values(), key=lambda m: m.name)
-            },
-        }
+        models: dict[str, Any] = {}
+        for m in sorted(self._models.values(), key=lambda m: m.name):
+            entry: dict[str, Any] = {**m.spec.to_json(), "recorded": m.recorded}
+            b = m.backend
+            if b is not None and b.pid is not None and b.returncode is None:
+                # So that the next worker can stop it if this one dies without cleaning up.
+                entry["backend_process"] = {"pid": b.pid, "start_time": b.start_time}
+            models[m.name] = entry
+        body = {"version": 1, "models": models}
         _write_atomic(self.record_path, json.dumps(body, indent=1).encode())
 
     # -- queries -----------------------------------------------------------------------------
@@ -364,19 +380,17 @@ class ModelManager:
             return model  # same files, same parameters: nothing to do
         # From here to create_task there is no await: the record, the state and the task
         # appear together, so a concurrent load joins and gc sees the blobs as referenced.
-        old_backend: backends.Backend | None = None
         if model is None:
             model = Model(name, spec)
             self._models[name] = model
-        else:
-            old_backend, model.backend = model.backend, None
-            self._stop_watching(model)
         model.spec = spec
         model.state = LOADING
         model.reason = ""
         model.backend_died = False
         model.recorded = time.time()
-        self._save()
+        self._save()  # with the old backend's pid still in it, until that one is stopped
+        old_backend, model.backend = model.backend, None
+        self._stop_watching(model)
         model.task = asyncio.create_task(self._run_load(model, spec, size, old_backend))
         return await self._join(model, model.task)
 
@@ -420,7 +434,13 @@ class ModelManager:
             if "model_dir" in backends.placeholders(self.backend_cmd):
                 values["model_dir"] = str(self._model_dir(model.name, spec))
             argv = backends.render_command(self.backend_cmd, values)
-            backend = backends.Backend(argv, port, model=model.name, grace=self.stop_grace)
+            backend = backends.Backend(
+                argv,
+                port,
+                model=model.name,
+                grace=self.stop_grace,
+                on_spawn=lambda _: self._save(),
+            )
             model.backend = backend
             timeout = load_timeout(size, self.timeout_base, self.timeout_per_gib, self.timeout_cap)
             await backend.start(timeout)  # stops the process itself on any failure
@@ -430,6 +450,7 @@ class ModelManager:
             model.state = UNAVAILABLE
             model.reason = str(exc)
             model.backend = None
+            self._save()
             raise
         except asyncio.CancelledError:
             if backend is not None:
@@ -437,6 +458,8 @@ class ModelManager:
             model.state = UNAVAILABLE
             model.reason = model.reason or "the load was cancelled"
             model.backend = None
+            with contextlib.suppress(OSError):
+                self._save()
             raise
         except Exception as exc:
             if backend is not None:
@@ -444,6 +467,8 @@ class ModelManager:
             model.state = UNAVAILABLE
             model.reason = f"the load failed unexpectedly: {exc!r}"
             model.backend = None
+            with contextlib.suppress(OSError):
+                self._save()
             raise LoadError(model.reason) from exc
 
     def _model_dir(self, name: str, spec: ModelSpec) -> Path:
@@ -567,6 +592,8 @@ class ModelManager:
         finally:
             for b in running:
                 b.kill_now()
+            with contextlib.suppress(OSError):
+                self._save()
             if self._http is not None:
                 await self._http.aclose()
                 self._http = None

@@ -46,10 +46,20 @@ def test_load_timeout_grows_with_size_under_a_cap() -> None:
 
 def test_render_command_fills_placeholders_per_argument_without_a_shell() -> None:
     template = "llama-server -m {model_path} --port {port} --alias {model} --json '{\"a\": 1}'"
-    argv = render_command(template, {"model_path": "/store/my model; rm -rf /", "port": "9",
-                                     "model": "org/m:tag"})
-    assert argv == ["llama-server", "-m", "/store/my model; rm -rf /", "--port", "9",
-                    "--alias", "org/m:tag", "--json", '{"a": 1}']
+    argv = render_command(
+        template, {"model_path": "/store/my model; rm -rf /", "port": "9", "model": "org/m:tag"}
+    )
+    assert argv == [
+        "llama-server",
+        "-m",
+        "/store/my model; rm -rf /",
+        "--port",
+        "9",
+        "--alias",
+        "org/m:tag",
+        "--json",
+        '{"a": 1}',
+    ]
     assert placeholders(template) == {"model_path", "port", "model"}
     with pytest.raises(LoadError, match=r"\{ctx\}, which is not a placeholder"):
         render_command("x --ctx {ctx}", {"port": "1"})
@@ -144,8 +154,13 @@ def test_inspect_model_reads_gguf_header_and_hash(tmp_path: Path) -> None:
     facts = inspect_model(str(path))
     assert facts.size == len(data)
     assert facts.sha256 == hashlib.sha256(data).hexdigest()
-    assert facts.gguf == {"version": 3, "tensor_count": 0, "kv_count": 3,
-                          "general.architecture": "qwen2", "general.name": "tiny"}
+    assert facts.gguf == {
+        "version": 3,
+        "tensor_count": 0,
+        "kv_count": 3,
+        "general.architecture": "qwen2",
+        "general.name": "tiny",
+    }
     text = facts.describe()
     assert "GGUF v3" in text and "general.name=tiny" in text and "demo backend" in text
 
@@ -161,8 +176,10 @@ def test_inspect_model_reads_gguf_header_and_hash(tmp_path: Path) -> None:
 def test_demo_app_streams_sse(tmp_path: Path) -> None:
     path = tmp_path / "m.gguf"
     path.write_bytes(demo_gguf_bytes())
-    with serve_app(create_demo_app(inspect_model(str(path)), "demo")) as url, \
-            httpx.Client(base_url=url) as c:
+    with (
+        serve_app(create_demo_app(inspect_model(str(path)), "demo")) as url,
+        httpx.Client(base_url=url) as c,
+    ):
         assert c.get("/health").status_code == 200
         assert c.get("/v1/models").json()["data"][0]["id"] == "demo"
         with c.stream("POST", "/v1/chat/completions", json={"stream": True}) as stream:
@@ -174,8 +191,9 @@ def test_demo_backend_cmd_runs_as_a_process(tmp_path: Path) -> None:
     path = tmp_path / "model.bin"
     path.write_bytes(b"abc" * 100)
     port = free_loopback_port()
-    argv = render_command(demo_backend_cmd(),
-                          {"model_path": str(path), "port": str(port), "model": "org/x"})
+    argv = render_command(
+        demo_backend_cmd(), {"model_path": str(path), "port": str(port), "model": "org/x"}
+    )
     assert argv[:3] == [PY, "-m", "staging_cli.worker.demo_backend"]
 
     async def scenario() -> None:

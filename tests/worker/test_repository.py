@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -48,8 +49,12 @@ def worker(
     manager = ModelManager(store, backend_cmd, **manager_kwargs)
     manager.open()
     try:
-        app = create_app(store, WorkerOptions(), extra_routes=repository_routes(manager),
-                         lifespan_hooks=[manager.aclose])
+        app = create_app(
+            store,
+            WorkerOptions(),
+            extra_routes=repository_routes(manager),
+            lifespan_hooks=[manager.aclose],
+        )
         with serve_app(app) as url:
             yield Worker(url, store, manager, directory)
     finally:
@@ -61,8 +66,11 @@ def upload(url: str, data: bytes) -> str:
     response = httpx.post(
         url + "/uploads",
         content=data,
-        headers={"Tus-Resumable": "1.0.0", "Upload-Length": str(len(data)),
-                 "Content-Type": "application/offset+octet-stream"},
+        headers={
+            "Tus-Resumable": "1.0.0",
+            "Upload-Length": str(len(data)),
+            "Content-Type": "application/offset+octet-stream",
+        },
     )
     assert response.status_code == 201, response.text
     assert response.headers["Upload-Offset"] == str(len(data))
@@ -131,8 +139,12 @@ def test_load_without_backend_is_ready_recorded_and_proxy_says_501(tmp_path: Pat
         assert chat.status_code == 501
         assert "--backend-cmd or --demo-backend" in chat.json()["error"]["message"]
         # The literal (unencoded) form of the name reaches the same model.
-        assert c.post("/v2/repository/models/org/model:tag/load",
-                      json={"parameters": {"files": [digest]}}).status_code == 200
+        assert (
+            c.post(
+                "/v2/repository/models/org/model:tag/load", json={"parameters": {"files": [digest]}}
+            ).status_code
+            == 200
+        )
 
 
 def test_load_with_missing_blob_is_refused_and_not_recorded(tmp_path: Path) -> None:
@@ -218,9 +230,10 @@ def test_demo_backend_load_chat_stream_unload(tmp_path: Path) -> None:
         again = load(c, "demo/tiny:q4", digest)
         assert again.status_code == 200 and again.json()["pid"] == pid
 
-        chat = c.post("/v1/chat/completions",
-                      json={"model": "demo/tiny:q4",
-                            "messages": [{"role": "user", "content": "hi"}]})
+        chat = c.post(
+            "/v1/chat/completions",
+            json={"model": "demo/tiny:q4", "messages": [{"role": "user", "content": "hi"}]},
+        )
         assert chat.status_code == 200, chat.text
         text = chat.json()["choices"][0]["message"]["content"]
         assert "demo backend" in text and digest[:12] in text
@@ -230,8 +243,11 @@ def test_demo_backend_load_chat_stream_unload(tmp_path: Path) -> None:
         started = time.monotonic()
         first_at = None
         events = []
-        with c.stream("POST", "/v1/chat/completions",
-                      json={"model": "demo/tiny:q4", "stream": True, "messages": []}) as stream:
+        with c.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={"model": "demo/tiny:q4", "stream": True, "messages": []},
+        ) as stream:
             assert stream.status_code == 200
             assert stream.headers["content-type"].startswith("text/event-stream")
             for line in stream.iter_lines():
@@ -332,8 +348,10 @@ def _pids(pidfile: Path) -> list[int]:
 def test_never_healthy_backend_times_out_and_leaves_no_process(tmp_path: Path) -> None:
     pidfile = tmp_path / "pids"
     cmd = f'{PY} -c "{HANGS}" {pidfile} {{port}}'
-    with worker(tmp_path / "w", cmd, timeout_base=1.5, timeout_per_gib=0, stop_grace=1) as w, \
-            w.client() as c:
+    with (
+        worker(tmp_path / "w", cmd, timeout_base=1.5, timeout_per_gib=0, stop_grace=1) as w,
+        w.client() as c,
+    ):
         digest = upload(w.url, b"hang" * 10)
         started = time.monotonic()
         response = load(c, "slow", digest)
@@ -385,8 +403,10 @@ def _cmdline(pid: str) -> str:
 
 
 def test_backend_exiting_at_once_fails_fast_with_code_and_output(tmp_path: Path) -> None:
-    cmd = (f'{PY} -c "import sys; print(\'loading {{model}}\'); '
-           f'print(\'error: no such tensor blk.0\', file=sys.stderr); sys.exit(3)" {{port}}')
+    cmd = (
+        f"{PY} -c \"import sys; print('loading {{model}}'); "
+        f"print('error: no such tensor blk.0', file=sys.stderr); sys.exit(3)\" {{port}}"
+    )
     with worker(tmp_path / "w", cmd, timeout_base=60) as w, w.client() as c:
         digest = upload(w.url, b"exit" * 10)
         started = time.monotonic()
@@ -403,8 +423,10 @@ def test_abandoned_load_stops_the_backend(tmp_path: Path) -> None:
     cmd = f'{PY} -c "{HANGS}" {pidfile} {{port}}'
     with worker(tmp_path / "w", cmd, timeout_base=120, stop_grace=1) as w:
         digest = upload(w.url, b"gone" * 10)
-        with httpx.Client(base_url=w.url, timeout=httpx.Timeout(30, read=1.0)) as c, \
-                pytest.raises(httpx.ReadTimeout):
+        with (
+            httpx.Client(base_url=w.url, timeout=httpx.Timeout(30, read=1.0)) as c,
+            pytest.raises(httpx.ReadTimeout),
+        ):
             load(c, "abandoned", digest)
         pids = _pids(pidfile)
         assert all(wait_gone(pid) for pid in pids), pids
@@ -422,3 +444,57 @@ def test_worker_shutdown_stops_backends(tmp_path: Path) -> None:
         pid = load(c, "m", digest).json()["pid"]
         assert alive(pid)
     assert wait_gone(pid, 2)
+
+
+WORKER_SCRIPT = """
+import sys
+from pathlib import Path
+import uvicorn
+from staging_cli.worker.app import create_app
+from staging_cli.worker.demo_backend import demo_backend_cmd
+from staging_cli.worker.models import ModelManager
+from staging_cli.worker.repository import repository_routes
+from staging_cli.worker.server import bind, url_of, uvicorn_config
+from staging_cli.worker.store import Store
+
+store = Store(Path(sys.argv[1]))
+store.open()
+manager = ModelManager(store, demo_backend_cmd())
+manager.open()
+app = create_app(store, extra_routes=repository_routes(manager), lifespan_hooks=[manager.aclose])
+sock = bind("127.0.0.1", 0)
+print(url_of(sock), flush=True)
+uvicorn.Server(uvicorn_config(app)).run(sockets=[sock])
+"""
+
+
+def test_backends_left_by_a_killed_worker_are_stopped_by_the_next(tmp_path: Path) -> None:
+    directory = tmp_path / "w"
+    proc = subprocess.Popen(
+        [PY, "-c", WORKER_SCRIPT, str(directory)], stdout=subprocess.PIPE, text=True
+    )
+    pid = None
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://"), url
+        digest = upload(url, b"orphan" * 100)
+        with httpx.Client(base_url=url, timeout=30) as c:
+            pid = load(c, "m", digest).json()["pid"]
+        proc.kill()  # no lifespan shutdown: the backend survives its worker
+        proc.wait(10)
+        assert alive(pid)
+        with worker(directory, demo_backend_cmd()) as w, w.client() as c:
+            assert wait_gone(pid, 2)
+            (entry,) = index(c)
+            assert entry["state"] == "UNAVAILABLE"
+            assert f"pid {pid}, left running by the previous worker process" in str(entry["reason"])
+            assert load(c, "m", digest).json()["state"] == "READY"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        if pid is not None and alive(pid):
+            os.kill(pid, 9)
