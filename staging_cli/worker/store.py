@@ -36,7 +36,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -361,9 +361,10 @@ class Store:
         return ChunkWriter(self, upload, checksum)
 
     def _record(self, upload: Upload, offset: int) -> None:
-        upload.record.offset = offset
-        upload.record.expires = self._clock() + self.expiry
-        _write_atomic(self._info(upload.id), json.dumps(asdict(upload.record)).encode())
+        """Durably record a new offset; only then does anyone (HEAD, /status) see it."""
+        record = replace(upload.record, offset=offset, expires=self._clock() + self.expiry)
+        _write_atomic(self._info(upload.id), json.dumps(asdict(record)).encode())
+        upload.record = record
 
     def _finalize(self, upload: Upload, digest: str) -> None:
         """Move a complete upload into the blob store (called with data already fsynced)."""
@@ -495,13 +496,14 @@ class ChunkWriter:
     def _persist(self) -> None:
         assert self._fd is not None
         os.fdatasync(self._fd)
-        self.store.received_bytes += self.pos - self.start
-        self.upload.hasher = self._whole
         if self.pos == self.upload.record.length:
             self.upload.record.offset = self.pos
             self.store._finalize(self.upload, self._whole.hexdigest())
         else:
             self.store._record(self.upload, self.pos)
+        # adopted only once the new offset is durable, so hash and offset never disagree
+        self.upload.hasher = self._whole
+        self.store.received_bytes += self.pos - self.start
 
     def _truncate(self) -> None:
         if self._fd is not None:
