@@ -51,7 +51,12 @@ class FaultProxy:
                 if not data:
                     break
                 f = self.faults
-                if corrupt and f.corrupt_at is not None and not f.corrupted and sent <= f.corrupt_at < sent + len(data):
+                if (
+                    corrupt
+                    and f.corrupt_at is not None
+                    and not f.corrupted
+                    and sent <= f.corrupt_at < sent + len(data)
+                ):
                     i = f.corrupt_at - sent
                     data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
                     f.corrupted += 1
@@ -108,6 +113,7 @@ class FaultProxy:
         try:
             yield self
         finally:
+
             def stop() -> None:
                 if self._server is not None:
                     self._server.close()

@@ -93,16 +93,32 @@ def worker_process(
     directory: Path, *args: str, port: int = 0, env: dict[str, str] | None = None
 ) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """``staging-cli worker`` as a real subprocess; yields (process, url). Always killed."""
-    cmd = [sys.executable, "-m", "staging_cli", "worker", "--dir", str(directory),
-           "--port", str(port), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env or cli_env(directory.parent))
+    cmd = [
+        sys.executable,
+        "-m",
+        "staging_cli",
+        "worker",
+        "--dir",
+        str(directory),
+        "--port",
+        str(port),
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env or cli_env(directory.parent),
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if not line.startswith("listening on "):
             proc.kill()
-            raise RuntimeError(f"worker did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
+            raise RuntimeError(
+                f"worker did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}"
+            )
         yield proc, line.split()[-1]
     finally:
         if proc.poll() is None:

@@ -69,10 +69,10 @@ class Backoff:
 
     def __post_init__(self) -> None:
         self.attempt = 0
-        self._rng = self.rng or random.Random()
+        self._rng: random.Random = self.rng or random.Random()
 
     def next_delay(self) -> float:
-        base = min(self.cap, self.initial * (2**self.attempt))
+        base = min(self.cap, self.initial * 2.0**self.attempt)
         self.attempt += 1
         # "equal jitter": at least half the base, so retries from many clients spread out
         return base / 2 + self._rng.uniform(0, base / 2)

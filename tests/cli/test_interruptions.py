@@ -29,8 +29,21 @@ pytestmark = pytest.mark.slow
 def stage_process(
     source: Path, url: str, env: dict[str, str], *extra: str
 ) -> Iterator[subprocess.Popen[str]]:
-    cmd = [sys.executable, "-m", "staging_cli", "stage", str(source), "--model", "org/m",
-           "--worker", url, "--chunk-size", str(CHUNK), "--json", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "staging_cli",
+        "stage",
+        str(source),
+        "--model",
+        "org/m",
+        "--worker",
+        url,
+        "--chunk-size",
+        str(CHUNK),
+        "--json",
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         yield proc
@@ -81,9 +94,24 @@ def test_client_sigkill_then_rerun_resumes(tmp_path: Path, machine: str) -> None
         assert 0 < acknowledged < SIZE
         rerun_env = env if machine == "same machine" else cli_env(tmp_path / "two")
         done = subprocess.run(
-            [sys.executable, "-m", "staging_cli", "stage", str(source), "-m", "org/m", "-w", w.url,
-             "--chunk-size", str(CHUNK), "--json"],
-            capture_output=True, text=True, env=rerun_env, timeout=120,
+            [
+                sys.executable,
+                "-m",
+                "staging_cli",
+                "stage",
+                str(source),
+                "-m",
+                "org/m",
+                "-w",
+                w.url,
+                "--chunk-size",
+                str(CHUNK),
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            env=rerun_env,
+            timeout=120,
         )
         assert done.returncode == 0, done.stderr
         result = summary(done.stdout)
@@ -120,16 +148,33 @@ def test_frozen_client_does_not_block_a_resume_for_long(tmp_path: Path) -> None:
     source = make_file(tmp_path / "model.bin", SIZE)
     idle = 2.0
     with run_worker_in_thread(tmp_path / "w", idle_timeout=idle) as w:
-        with stage_process(source, w.url, cli_env(tmp_path / "a"), "--limit-rate", "16MiB") as frozen:
+        with stage_process(
+            source, w.url, cli_env(tmp_path / "a"), "--limit-rate", "16MiB"
+        ) as frozen:
             wait_for_offset(w.url, 2 * CHUNK)
             time.sleep(0.1)  # mid-chunk
             frozen.send_signal(signal.SIGSTOP)
             acknowledged = offset_of(w.url)
             started = time.monotonic()
             done = subprocess.run(
-                [sys.executable, "-m", "staging_cli", "stage", str(source), "-m", "org/m", "-w", w.url,
-                 "--chunk-size", str(CHUNK), "--json"],
-                capture_output=True, text=True, env=cli_env(tmp_path / "b"), timeout=120,
+                [
+                    sys.executable,
+                    "-m",
+                    "staging_cli",
+                    "stage",
+                    str(source),
+                    "-m",
+                    "org/m",
+                    "-w",
+                    w.url,
+                    "--chunk-size",
+                    str(CHUNK),
+                    "--json",
+                ],
+                capture_output=True,
+                text=True,
+                env=cli_env(tmp_path / "b"),
+                timeout=120,
             )
             elapsed = time.monotonic() - started
             assert done.returncode == 0, done.stderr
@@ -137,5 +182,7 @@ def test_frozen_client_does_not_block_a_resume_for_long(tmp_path: Path) -> None:
             assert result["resumed_from"] >= acknowledged > 0
             # blocked for about the idle timeout plus a backoff, not for the stall window
             assert elapsed < idle + 30
-            print(f"resume behind a frozen client finished in {elapsed:.1f}s (idle timeout {idle}s)")
+            print(
+                f"resume behind a frozen client finished in {elapsed:.1f}s (idle timeout {idle}s)"
+            )
             assert sha256(w.dir / "blobs" / "sha256" / str(result["sha256"])) == sha256(source)

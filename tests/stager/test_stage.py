@@ -23,7 +23,7 @@ from staging_cli.errors import (
 from staging_cli.stager import Event, StageOptions, Stager, open_stager
 from staging_cli.stager.events import FileStarted, Retrying, UploadProgress
 
-from ..faultproxy import Faults, FaultProxy
+from ..faultproxy import FaultProxy, Faults
 from ..support import RunningWorker, make_file, run_worker_in_thread
 
 MiB = 1024 * 1024
@@ -37,7 +37,9 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-async def stage(worker_url: str, path: Path, paths: Paths, **opts: object) -> tuple[object, list[Event]]:
+async def stage(
+    worker_url: str, path: Path, paths: Paths, **opts: object
+) -> tuple[object, list[Event]]:
     events: list[Event] = []
     options = StageOptions(**{"backoff_initial": 0.05, "backoff_max": 0.5, **opts})  # type: ignore[arg-type]
     stager = open_stager(worker_url, options=options, on_event=events.append, paths=paths)
@@ -49,7 +51,9 @@ async def stage(worker_url: str, path: Path, paths: Paths, **opts: object) -> tu
 
 
 @pytest.mark.anyio
-async def test_stage_end_to_end_then_nothing_to_send(worker: RunningWorker, tmp_path: Path, paths: Paths) -> None:
+async def test_stage_end_to_end_then_nothing_to_send(
+    worker: RunningWorker, tmp_path: Path, paths: Paths
+) -> None:
     source = make_file(tmp_path / "model.gguf", 300 * MiB)
     result, events = await stage(worker.url, source, paths)
     digest = sha256_of(source)
@@ -67,7 +71,9 @@ async def test_stage_end_to_end_then_nothing_to_send(worker: RunningWorker, tmp_
 
 
 @pytest.mark.anyio
-async def test_digest_is_cached_and_given_digest_skips_hashing(worker: RunningWorker, tmp_path: Path, paths: Paths) -> None:
+async def test_digest_is_cached_and_given_digest_skips_hashing(
+    worker: RunningWorker, tmp_path: Path, paths: Paths
+) -> None:
     source = make_file(tmp_path / "m.bin", 3 * MiB)
     _, events = await stage(worker.url, source, paths)
     assert any(e.event == "hashing" for e in events)
@@ -88,7 +94,9 @@ async def test_digest_is_cached_and_given_digest_skips_hashing(worker: RunningWo
 
 
 @pytest.mark.anyio
-async def test_connections_cut_at_random_offsets(worker: RunningWorker, tmp_path: Path, paths: Paths) -> None:
+async def test_connections_cut_at_random_offsets(
+    worker: RunningWorker, tmp_path: Path, paths: Paths
+) -> None:
     source = make_file(tmp_path / "model.bin", 64 * MiB)
     faults = Faults(cuts=12, cut_min=64 * 1024, cut_max=6 * MiB, seed=7)
     with FaultProxy(worker.url, faults).running() as proxy:
@@ -101,7 +109,9 @@ async def test_connections_cut_at_random_offsets(worker: RunningWorker, tmp_path
 
 
 @pytest.mark.anyio
-async def test_chunk_corrupted_in_flight_is_sent_again(worker: RunningWorker, tmp_path: Path, paths: Paths) -> None:
+async def test_chunk_corrupted_in_flight_is_sent_again(
+    worker: RunningWorker, tmp_path: Path, paths: Paths
+) -> None:
     source = make_file(tmp_path / "model.bin", 16 * MiB)
     faults = Faults(corrupt_at=3 * MiB)
     with FaultProxy(worker.url, faults).running() as proxy:
@@ -112,7 +122,9 @@ async def test_chunk_corrupted_in_flight_is_sent_again(worker: RunningWorker, tm
 
 
 @pytest.mark.anyio
-async def test_resume_from_the_workers_offset_on_another_machine(worker: RunningWorker, tmp_path: Path, paths: Paths) -> None:
+async def test_resume_from_the_workers_offset_on_another_machine(
+    worker: RunningWorker, tmp_path: Path, paths: Paths
+) -> None:
     source = make_file(tmp_path / "model.bin", 40 * MiB)
     acknowledged = asyncio.Event()
 
@@ -120,8 +132,12 @@ async def test_resume_from_the_workers_offset_on_another_machine(worker: Running
         if isinstance(event, UploadProgress) and event.bytes_done >= 8 * MiB:
             acknowledged.set()
 
-    first = open_stager(worker.url, options=StageOptions(chunk_size=4 * MiB, limit_rate=40 * MiB),
-                        on_event=stop_after_two_chunks, paths=paths)
+    first = open_stager(
+        worker.url,
+        options=StageOptions(chunk_size=4 * MiB, limit_rate=40 * MiB),
+        on_event=stop_after_two_chunks,
+        paths=paths,
+    )
     task = asyncio.create_task(first.stage_file(source, model="m"))
     await asyncio.wait_for(acknowledged.wait(), 30)
     task.cancel()
@@ -164,11 +180,15 @@ def _scripted(router: respx.Router, patch_answers: list[httpx.Response]) -> resp
     router.head(url__regex=rf"{SERVER}/blobs/.*").respond(404)
     router.get(f"{SERVER}/uploads").respond(404)
     router.post(f"{SERVER}/uploads").respond(201, headers={"Location": "/uploads/abc"})
-    router.head(f"{SERVER}/uploads/abc").respond(200, headers={"Upload-Offset": "0", "Upload-Length": "1000"})
+    router.head(f"{SERVER}/uploads/abc").respond(
+        200, headers={"Upload-Offset": "0", "Upload-Length": "1000"}
+    )
     return router.patch(f"{SERVER}/uploads/abc").mock(side_effect=patch_answers)
 
 
-async def _stage_scripted(tmp_path: Path, paths: Paths, **opts: object) -> tuple[object, list[Event]]:
+async def _stage_scripted(
+    tmp_path: Path, paths: Paths, **opts: object
+) -> tuple[object, list[Event]]:
     source = tmp_path / "small.bin"
     source.write_bytes(b"a" * 1000)
     events: list[Event] = []
@@ -184,10 +204,13 @@ async def _stage_scripted(tmp_path: Path, paths: Paths, **opts: object) -> tuple
 @pytest.mark.parametrize("transient", [423, 500, 503, 409, 408])
 async def test_transient_answers_are_retried(tmp_path: Path, paths: Paths, transient: int) -> None:
     with respx.mock(assert_all_called=False) as router:
-        route = _scripted(router, [
-            httpx.Response(transient),
-            httpx.Response(204, headers={"Upload-Offset": "1000"}),
-        ])
+        route = _scripted(
+            router,
+            [
+                httpx.Response(transient),
+                httpx.Response(204, headers={"Upload-Offset": "1000"}),
+            ],
+        )
         result, events = await _stage_scripted(tmp_path, paths)
     assert route.call_count == 2
     assert result.size == 1000  # type: ignore[attr-defined]
@@ -195,11 +218,28 @@ async def test_transient_answers_are_retried(tmp_path: Path, paths: Paths, trans
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize(("status", "error"), [(400, UploadRefused), (401, AuthenticationError), (403, AuthenticationError),
-                                               (413, UploadTooLarge), (507, InsufficientStorage), (422, DigestMismatch)])
-async def test_refusals_are_not_retried(tmp_path: Path, paths: Paths, status: int, error: type[Exception]) -> None:
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (400, UploadRefused),
+        (401, AuthenticationError),
+        (403, AuthenticationError),
+        (413, UploadTooLarge),
+        (507, InsufficientStorage),
+        (422, DigestMismatch),
+    ],
+)
+async def test_refusals_are_not_retried(
+    tmp_path: Path, paths: Paths, status: int, error: type[Exception]
+) -> None:
     with respx.mock(assert_all_called=False) as router:
-        route = _scripted(router, [httpx.Response(status, text="no"), httpx.Response(204, headers={"Upload-Offset": "1000"})])
+        route = _scripted(
+            router,
+            [
+                httpx.Response(status, text="no"),
+                httpx.Response(204, headers={"Upload-Offset": "1000"}),
+            ],
+        )
         with pytest.raises(error):
             await _stage_scripted(tmp_path, paths)
     assert route.call_count == 1

@@ -21,19 +21,26 @@ OCTET = {"Content-Type": "application/offset+octet-stream"}
 
 
 def meta(data: bytes, **extra: str) -> str:
-    return tus.encode_metadata({"filename": "f.bin", "sha256": hashlib.sha256(data).hexdigest(), **extra})
+    return tus.encode_metadata(
+        {"filename": "f.bin", "sha256": hashlib.sha256(data).hexdigest(), **extra}
+    )
 
 
 def create(client: httpx.Client, data: bytes, **headers: str) -> str:
     r = client.post(
-        "/uploads", headers={**TUS, "Upload-Length": str(len(data)), "Upload-Metadata": meta(data), **headers}
+        "/uploads",
+        headers={**TUS, "Upload-Length": str(len(data)), "Upload-Metadata": meta(data), **headers},
     )
     assert r.status_code == 201, r.text
     return r.headers["location"]
 
 
-def patch(client: httpx.Client, url: str, offset: int, body: bytes, **headers: str) -> httpx.Response:
-    return client.patch(url, content=body, headers={**TUS, **OCTET, "Upload-Offset": str(offset), **headers})
+def patch(
+    client: httpx.Client, url: str, offset: int, body: bytes, **headers: str
+) -> httpx.Response:
+    return client.patch(
+        url, content=body, headers={**TUS, **OCTET, "Upload-Offset": str(offset), **headers}
+    )
 
 
 def checksum(algo: str, body: bytes) -> str:
@@ -48,7 +55,12 @@ def test_options_advertise_protocol(worker: RunningWorker) -> None:
     r = httpx.options(worker.url + "/uploads")
     assert r.status_code == 204
     assert r.headers["Tus-Version"] == "1.0.0"
-    assert set(r.headers["Tus-Extension"].split(",")) >= {"creation", "expiration", "checksum", "termination"}
+    assert set(r.headers["Tus-Extension"].split(",")) >= {
+        "creation",
+        "expiration",
+        "checksum",
+        "termination",
+    }
     assert {"sha1", "sha256"} <= set(r.headers["Tus-Checksum-Algorithm"].split(","))
 
 
@@ -59,31 +71,54 @@ def test_upload_in_chunks_becomes_a_blob(worker: RunningWorker) -> None:
         assert c.head(f"/blobs/sha256:{digest}").status_code == 404
         url = create(c, data)
         assert "Upload-Expires" in c.head(url, headers=TUS).headers
-        r = patch(c, url, 0, data[:400_000], **{"Upload-Checksum": checksum("sha1", data[:400_000])})
+        r = patch(
+            c, url, 0, data[:400_000], **{"Upload-Checksum": checksum("sha1", data[:400_000])}
+        )
         assert r.status_code == 204 and r.headers["Upload-Offset"] == "400000"
         h = c.head(url, headers=TUS)
-        assert h.headers["Upload-Offset"] == "400000" and h.headers["Upload-Length"] == str(len(data))
+        assert h.headers["Upload-Offset"] == "400000" and h.headers["Upload-Length"] == str(
+            len(data)
+        )
         assert h.headers["Cache-Control"] == "no-store"
         found = c.get("/uploads", params={"sha256": digest, "length": len(data)}).json()["uploads"]
         assert [u["offset"] for u in found] == [400_000] and found[0]["url"] == url
         # the partial file is not visible as a blob
         assert c.head(f"/blobs/sha256:{digest}").status_code == 404
-        r = patch(c, url, 400_000, data[400_000:], **{"Upload-Checksum": checksum("sha256", data[400_000:])})
+        r = patch(
+            c,
+            url,
+            400_000,
+            data[400_000:],
+            **{"Upload-Checksum": checksum("sha256", data[400_000:])},
+        )
         assert r.status_code == 204 and r.headers["Upload-Offset"] == str(len(data))
         blob = c.head(f"/blobs/sha256:{digest}")
         assert blob.status_code == 200 and blob.headers["Content-Length"] == str(len(data))
         assert c.get(f"/blobs/sha256:{digest}").content == data
         assert c.head(url, headers=TUS).status_code == 404  # finished uploads are gone
         status = c.get("/status").json()
-        assert status["uploads"] == [] and status["blobs"] == [{"digest": f"sha256:{digest}", "size": len(data)}]
-    assert hashlib.sha256((worker.dir / "blobs" / "sha256" / digest).read_bytes()).hexdigest() == digest
+        assert status["uploads"] == [] and status["blobs"] == [
+            {"digest": f"sha256:{digest}", "size": len(data)}
+        ]
+    assert (
+        hashlib.sha256((worker.dir / "blobs" / "sha256" / digest).read_bytes()).hexdigest()
+        == digest
+    )
 
 
 def test_creation_with_upload_and_empty_file(worker: RunningWorker) -> None:
     data = b"small model"
     with httpx.Client(base_url=worker.url) as c:
-        r = c.post("/uploads", content=data, headers={
-            **TUS, **OCTET, "Upload-Length": str(len(data)), "Upload-Metadata": meta(data)})
+        r = c.post(
+            "/uploads",
+            content=data,
+            headers={
+                **TUS,
+                **OCTET,
+                "Upload-Length": str(len(data)),
+                "Upload-Metadata": meta(data),
+            },
+        )
         assert r.status_code == 201 and r.headers["Upload-Offset"] == str(len(data))
         assert c.head(f"/blobs/sha256:{hashlib.sha256(data).hexdigest()}").status_code == 200
         r = c.post("/uploads", headers={**TUS, "Upload-Length": "0", "Upload-Metadata": meta(b"")})
@@ -127,9 +162,15 @@ def test_bad_patch_requests(worker: RunningWorker, case: str, status: int) -> No
         elif case == "missing tus-resumable":
             r = c.patch(url, content=body, headers={**OCTET, "Upload-Offset": "0"})
         elif case == "wrong tus-resumable":
-            r = c.patch(url, content=body, headers={**OCTET, "Tus-Resumable": "0.2.2", "Upload-Offset": "0"})
+            r = c.patch(
+                url, content=body, headers={**OCTET, "Tus-Resumable": "0.2.2", "Upload-Offset": "0"}
+            )
         elif case == "wrong content type":
-            r = c.patch(url, content=body, headers={**TUS, "Content-Type": "application/octet-stream", "Upload-Offset": "0"})
+            r = c.patch(
+                url,
+                content=body,
+                headers={**TUS, "Content-Type": "application/octet-stream", "Upload-Offset": "0"},
+            )
         elif case == "bad checksum":
             headers["Upload-Checksum"] = checksum("sha256", b"something else")
         elif case == "unknown checksum algorithm":
@@ -160,11 +201,41 @@ def test_bad_patch_requests(worker: RunningWorker, case: str, status: int) -> No
     [
         ({"Upload-Length": "abc"}, 400),
         ({}, 400),
-        ({"Upload-Length": "10", "Upload-Metadata": "model " + base64.b64encode(b"../etc").decode()}, 400),
-        ({"Upload-Length": "10", "Upload-Metadata": "model " + base64.b64encode(b"/abs").decode()}, 400),
-        ({"Upload-Length": "10", "Upload-Metadata": "model " + base64.b64encode(b"a\x00b").decode()}, 400),
-        ({"Upload-Length": "10", "Upload-Metadata": "filename " + base64.b64encode(b"../x").decode()}, 400),
-        ({"Upload-Length": "10", "Upload-Metadata": "sha256 " + base64.b64encode(b"nothex").decode()}, 400),
+        (
+            {
+                "Upload-Length": "10",
+                "Upload-Metadata": "model " + base64.b64encode(b"../etc").decode(),
+            },
+            400,
+        ),
+        (
+            {
+                "Upload-Length": "10",
+                "Upload-Metadata": "model " + base64.b64encode(b"/abs").decode(),
+            },
+            400,
+        ),
+        (
+            {
+                "Upload-Length": "10",
+                "Upload-Metadata": "model " + base64.b64encode(b"a\x00b").decode(),
+            },
+            400,
+        ),
+        (
+            {
+                "Upload-Length": "10",
+                "Upload-Metadata": "filename " + base64.b64encode(b"../x").decode(),
+            },
+            400,
+        ),
+        (
+            {
+                "Upload-Length": "10",
+                "Upload-Metadata": "sha256 " + base64.b64encode(b"nothex").decode(),
+            },
+            400,
+        ),
         ({"Upload-Length": "10", "Upload-Metadata": "model !!notbase64"}, 400),
         ({"Upload-Length": "10", "Upload-Defer-Length": "1"}, 400),
     ],
@@ -177,8 +248,14 @@ def test_bad_creation_requests(worker: RunningWorker, headers: dict[str, str], s
 
 def test_good_model_names_are_accepted(worker: RunningWorker) -> None:
     for name in ("org/model", "name:tag", "llama-3-8b.Q4_K_M", "org/model:Q4_K_M"):
-        r = httpx.post(worker.url + "/uploads", headers={
-            **TUS, "Upload-Length": "1", "Upload-Metadata": tus.encode_metadata({"model": name})})
+        r = httpx.post(
+            worker.url + "/uploads",
+            headers={
+                **TUS,
+                "Upload-Length": "1",
+                "Upload-Metadata": tus.encode_metadata({"model": name}),
+            },
+        )
         assert r.status_code == 201, (name, r.text)
 
 
@@ -187,11 +264,20 @@ def test_auth(tmp_path: Path) -> None:
         assert httpx.get(w.url + "/healthz").status_code == 200
         missing = httpx.post(w.url + "/uploads", headers={**TUS, "Upload-Length": "1"})
         assert missing.status_code == 401 and "token" in missing.text
-        wrong = httpx.post(w.url + "/uploads", headers={**TUS, "Upload-Length": "1", "Authorization": "Bearer nope"})
+        wrong = httpx.post(
+            w.url + "/uploads",
+            headers={**TUS, "Upload-Length": "1", "Authorization": "Bearer nope"},
+        )
         assert wrong.status_code == 403
-        assert httpx.get(w.url + "/status", headers={"Authorization": "Bearer nope"}).status_code == 403
+        assert (
+            httpx.get(w.url + "/status", headers={"Authorization": "Bearer nope"}).status_code
+            == 403
+        )
         assert httpx.head(w.url + "/blobs/sha256:" + "0" * 64).status_code == 401
-        ok = httpx.post(w.url + "/uploads", headers={**TUS, "Upload-Length": "1", "Authorization": "Bearer s3cret"})
+        ok = httpx.post(
+            w.url + "/uploads",
+            headers={**TUS, "Upload-Length": "1", "Authorization": "Bearer s3cret"},
+        )
         assert ok.status_code == 201
         assert len(w.store.uploads()) == 1
 
@@ -213,7 +299,10 @@ def test_max_size_and_free_space_are_checked_before_any_byte(tmp_path: Path) -> 
 
 def test_concurrent_patch_gets_423_and_idle_body_releases_the_upload(tmp_path: Path) -> None:
     data = b"z" * 200_000
-    with run_worker_in_thread(tmp_path / "w", idle_timeout=1.0) as w, httpx.Client(base_url=w.url) as c:
+    with (
+        run_worker_in_thread(tmp_path / "w", idle_timeout=1.0) as w,
+        httpx.Client(base_url=w.url) as c,
+    ):
         url = create(c, data)
         path = httpx.URL(url).raw_path.decode()
         host, port = httpx.URL(w.url).host, httpx.URL(w.url).port
