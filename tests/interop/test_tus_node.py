@@ -291,3 +291,98 @@ def test_stager_resumes_on_tus_node_from_its_record(
     assert sha256_of(data) == digest
     # finished: the record is gone, so a later stage would not try to resume it
     assert ResumeRecords(records_path).get(tus_node.url, digest, SIZE) is None
+
+
+def test_stager_starts_over_when_tus_node_lost_the_recorded_upload(
+    tus_node: NodeTusServer, tmp_path: Path
+) -> None:
+    """The record points at an upload the server terminated (DELETE, as an expiry would): the
+    stager must notice (HEAD 404), forget the record and create a new upload."""
+    src = make_file(tmp_path / "model.gguf", 20 * MiB, seed=14)
+    digest = sha256_of(src)
+    records_path = tmp_path / "state" / "uploads.sqlite3"
+    first_run = Run()
+    asyncio.run(
+        _stage_until(
+            tus_node,
+            src,
+            first_run,
+            StageOptions(chunk_size=CHUNK),
+            ResumeRecords(records_path),
+            first_ack,
+        )
+    )
+    lost = next(e for e in first_run.events if isinstance(e, FileStarted)).upload_url
+    gone = httpx.delete(lost, headers={"Tus-Resumable": "1.0.0"})
+    assert gone.status_code == 204, gone.text
+
+    result = asyncio.run(
+        stage(
+            tus_node,
+            src,
+            Run(),
+            StageOptions(chunk_size=CHUNK),
+            records=ResumeRecords(records_path),
+        )
+    )
+    assert result.upload_url is not None
+    assert result.upload_url != lost
+    assert result.resumed_from == 0
+    assert result.bytes_sent == src.stat().st_size
+    data, _ = stored(tus_node, result.upload_url)
+    assert sha256_of(data) == digest
+
+
+def test_stager_finishes_when_tus_node_completed_but_the_last_ack_was_lost(
+    tus_node: NodeTusServer, tmp_path: Path
+) -> None:
+    """The client died between the server's last 204 and forgetting its record: the next run
+    finds the upload complete (HEAD offset == length) and sends nothing."""
+    src = make_file(tmp_path / "model.gguf", 10 * MiB, seed=15)
+    digest = sha256_of(src)
+    size = src.stat().st_size
+    records_path = tmp_path / "state" / "uploads.sqlite3"
+    done = asyncio.run(stage(tus_node, src, Run(), StageOptions(chunk_size=CHUNK)))
+    assert done.upload_url is not None
+    records = ResumeRecords(records_path)
+    records.put(tus_node.url, digest, size, done.upload_url)  # as if never forgotten
+    records.close()
+    before = len(tus_node.log())
+
+    again = asyncio.run(
+        stage(
+            tus_node,
+            src,
+            Run(),
+            StageOptions(chunk_size=CHUNK),
+            records=ResumeRecords(records_path),
+        )
+    )
+    assert again.upload_url == done.upload_url
+    assert again.resumed_from == size
+    assert again.bytes_sent == 0
+    assert not [line for line in tus_node.log()[before:] if line.startswith(("POST", "PATCH"))]
+    assert ResumeRecords(records_path).get(tus_node.url, digest, size) is None
+
+
+def test_stager_with_a_token_talks_to_tus_node(tus_node: NodeTusServer, tmp_path: Path) -> None:
+    """A bearer token (meant for our worker) does not upset a tus server that ignores it."""
+    src = make_file(tmp_path / "model.gguf", 3 * MiB + 7, seed=16)
+    run = Run()
+
+    async def go() -> FileResult:
+        async with Stager(
+            tus_node.url,
+            token="s3cret",
+            options=StageOptions(chunk_size=MiB),
+            on_event=run.events.append,
+            transport=run.transport,
+        ) as stager:
+            return await stager.stage_file(src)
+
+    result = asyncio.run(go())
+    assert all(s.headers["authorization"] == "Bearer s3cret" for s in run.transport.sent)
+    assert result.upload_url is not None
+    data, info = stored(tus_node, result.upload_url)
+    assert sha256_of(data) == sha256_of(src)
+    assert "model" not in info["metadata"]  # no model given: none sent
