@@ -61,8 +61,13 @@ class NodeTusServer:
 
 
 @contextlib.contextmanager
-def node_tus_server(directory: Path, log_path: Path) -> Iterator[NodeTusServer]:
+def node_tus_server(
+    directory: Path, log_path: Path, *, max_size: int | None = None
+) -> Iterator[NodeTusServer]:
     node = require_node_peer()
+    env = {k: v for k, v in os.environ.items() if k != "TUS_MAX_SIZE"}
+    if max_size is not None:
+        env["TUS_MAX_SIZE"] = str(max_size)
     directory.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
         proc = subprocess.Popen(
@@ -72,6 +77,7 @@ def node_tus_server(directory: Path, log_path: Path) -> Iterator[NodeTusServer]:
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
+            env=env,
         )
     try:
         assert proc.stdout is not None

@@ -386,3 +386,54 @@ def test_stager_with_a_token_talks_to_tus_node(tus_node: NodeTusServer, tmp_path
     data, info = stored(tus_node, result.upload_url)
     assert sha256_of(data) == sha256_of(src)
     assert "model" not in info["metadata"]  # no model given: none sent
+
+
+def test_two_stagers_racing_on_tus_node_both_finish_one_upload(
+    tus_node: NodeTusServer, tmp_path: Path
+) -> None:
+    """Two stagers of the same file on one machine (shared records): the second joins the
+    first's upload; @tus/server's locker cuts one's PATCH when the other's arrives, and 409s the
+    loser of an offset race. Both must ride that out (retry, HEAD, continue) and succeed, with one
+    upload holding the right bytes."""
+    src = make_file(tmp_path / "model.gguf", SIZE, seed=17)
+    digest = sha256_of(src)
+    records_path = tmp_path / "state" / "uploads.sqlite3"
+    options = StageOptions(chunk_size=4 * MiB, limit_rate=40 * MiB, backoff_initial=0.1)
+
+    async def race() -> list[FileResult]:
+        a_acked = asyncio.Event()
+
+        async def one(signal: asyncio.Event | None) -> FileResult:
+            def sink(event: Event) -> None:
+                if signal is not None and isinstance(event, UploadProgress) and event.bytes_done:
+                    signal.set()
+
+            async with Stager(
+                tus_node.url, options=options, records=ResumeRecords(records_path), on_event=sink
+            ) as stager:
+                return await stager.stage_file(src, model="race")
+
+        a = asyncio.create_task(one(a_acked))
+        await a_acked.wait()  # a's upload is recorded and has acknowledged bytes
+        b = asyncio.create_task(one(None))
+        return list(await asyncio.gather(a, b))
+
+    a, b = asyncio.run(race())
+    assert a.upload_url == b.upload_url
+    assert b.resumed_from > 0
+    assert [line for line in tus_node.log() if line.startswith("POST")] == ["POST /uploads -> 201"]
+    assert a.upload_url is not None
+    data, _ = stored(tus_node, a.upload_url)
+    assert sha256_of(data) == digest
+
+
+def test_stager_refuses_a_file_above_tus_node_max_size(tmp_path: Path) -> None:
+    from staging_cli.errors import UploadTooLarge
+
+    from .conftest import node_tus_server
+
+    src = make_file(tmp_path / "big.gguf", 2 * MiB, seed=18)
+    with node_tus_server(tmp_path / "store", tmp_path / "tus.log", max_size=MiB) as server:
+        with pytest.raises(UploadTooLarge, match="Tus-Max-Size"):
+            asyncio.run(stage(server, src, Run(), StageOptions(chunk_size=MiB)))
+        assert server.log() == ["OPTIONS /uploads -> 204"]  # refused before creating anything

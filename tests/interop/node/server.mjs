@@ -6,6 +6,7 @@
 // DIRECTORY/<id>.json), serves tus at /uploads on 127.0.0.1:PORT (0 or absent: any free
 // port) and prints exactly one line `listening on http://127.0.0.1:PORT` to stdout once it
 // accepts connections. Every request is logged to stderr as `METHOD URL -> STATUS`.
+// Env TUS_MAX_SIZE (bytes), when set, becomes the server's maxSize (Tus-Max-Size, 413).
 // Nothing here is specific to staging-cli: it is the README's standalone server.
 import http from "node:http";
 import process from "node:process";
@@ -24,9 +25,12 @@ if (!Number.isInteger(port) || port < 0 || port > 65535) {
   process.exit(2);
 }
 
+const maxSize = process.env.TUS_MAX_SIZE ? Number.parseInt(process.env.TUS_MAX_SIZE, 10) : undefined;
+
 const tus = new Server({
   path: "/uploads",
   datastore: new FileStore({ directory }),
+  ...(maxSize ? { maxSize } : {}),
 });
 
 const httpServer = http.createServer((req, res) => {
