@@ -498,3 +498,26 @@ def test_backends_left_by_a_killed_worker_are_stopped_by_the_next(tmp_path: Path
             proc.stdout.close()
         if pid is not None and alive(pid):
             os.kill(pid, 9)
+
+
+def test_model_dir_holds_files_under_their_names(tmp_path: Path) -> None:
+    show = (
+        "import os, sys; d = sys.argv[1]; "
+        "print(sorted((n, os.readlink(os.path.join(d, n))) for n in os.listdir(d))); sys.exit(4)"
+    )
+    cmd = f'{PY} -c "{show}" {{model_dir}} {{port}}'
+    with worker(tmp_path / "w", cmd) as w, w.client() as c:
+        first = upload(w.url, b"split one" * 10)
+        second = upload(w.url, b"split two" * 10)
+        files = [
+            {"sha256": first, "filename": "m-00001-of-00002.gguf"},
+            {"sha256": second, "filename": "m-00002-of-00002.gguf"},
+        ]
+        response = c.post(load_path("org/split"), json={"parameters": {"files": files}})
+        assert response.status_code == 500
+        reason = response.json()["error"]
+        assert "exited with code 4" in reason
+        assert f"('m-00001-of-00002.gguf', '{w.dir}/blobs/sha256/{first}')" in reason
+        assert f"('m-00002-of-00002.gguf', '{w.dir}/blobs/sha256/{second}')" in reason
+        bad = [{"sha256": first, "filename": "../escape"}]
+        assert c.post(load_path("x"), json={"parameters": {"files": bad}}).status_code == 400
