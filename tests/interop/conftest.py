@@ -66,6 +66,7 @@ def node_tus_server(
 ) -> Iterator[NodeTusServer]:
     node = require_node_peer()
     env = {k: v for k, v in os.environ.items() if k != "TUS_MAX_SIZE"}
+    env["TUS_EXIT_ON_STDIN_EOF"] = "1"  # dies with us even if this cleanup never runs
     if max_size is not None:
         env["TUS_MAX_SIZE"] = str(max_size)
     directory.mkdir(parents=True, exist_ok=True)
@@ -73,7 +74,7 @@ def node_tus_server(
         proc = subprocess.Popen(
             [node, str(NODE_DIR / "server.mjs"), str(directory), "0"],
             cwd=NODE_DIR,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
@@ -102,8 +103,9 @@ def node_tus_server(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
 
 
 @pytest.fixture

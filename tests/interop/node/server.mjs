@@ -7,6 +7,8 @@
 // port) and prints exactly one line `listening on http://127.0.0.1:PORT` to stdout once it
 // accepts connections. Every request is logged to stderr as `METHOD URL -> STATUS`.
 // Env TUS_MAX_SIZE (bytes), when set, becomes the server's maxSize (Tus-Max-Size, 413).
+// Env TUS_EXIT_ON_STDIN_EOF=1: exit when stdin closes, so a test runner that dies without
+// its cleanup (SIGKILL, a hard timeout) cannot leave this server running.
 // Nothing here is specific to staging-cli: it is the README's standalone server.
 import http from "node:http";
 import process from "node:process";
@@ -56,10 +58,18 @@ httpServer.listen({ host: "127.0.0.1", port }, () => {
   process.stdout.write(`listening on http://127.0.0.1:${bound}\n`);
 });
 
+function shutdown() {
+  httpServer.close();
+  httpServer.closeAllConnections();
+  process.exit(0);
+}
+
+if (process.env.TUS_EXIT_ON_STDIN_EOF === "1") {
+  process.stdin.on("end", shutdown);
+  process.stdin.on("error", shutdown);
+  process.stdin.resume();
+}
+
 for (const signal of ["SIGTERM", "SIGINT"]) {
-  process.on(signal, () => {
-    httpServer.close();
-    httpServer.closeAllConnections();
-    process.exit(0);
-  });
+  process.on(signal, shutdown);
 }
