@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from typer import _completion_shared
+from typer.completion import completion_init
 
 from .. import __version__
 from ..config import ENV_CONFIG_DIR, Paths, default_map, load_config_file
@@ -39,6 +40,7 @@ app.command()(status)
 app.command()(worker)
 
 SHELLS = ("bash", "zsh", "fish")
+completion_init()  # registers typer's completion classes, which add_completion=False skips
 
 
 @app.command()

@@ -1,0 +1,1 @@
+complete --command staging-cli --no-files --arguments "(env _STAGING_CLI_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) staging-cli)" --condition "env _STAGING_CLI_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) staging-cli"
