@@ -17,6 +17,8 @@ from typing import Any
 import uvicorn
 
 from staging_cli.worker.app import WorkerOptions, create_app
+from staging_cli.worker.models import ModelManager
+from staging_cli.worker.repository import repository_routes
 from staging_cli.worker.server import bind, url_of, uvicorn_config
 from staging_cli.worker.store import Store
 
@@ -29,6 +31,7 @@ class RunningWorker:
     store: Store
     dir: Path
     token: str | None = None
+    manager: ModelManager | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -63,14 +66,23 @@ def run_worker_in_thread(
     *,
     token: str | None = None,
     idle_timeout: float = 5.0,
+    backend_cmd: str | None = None,
+    manager_kwargs: dict[str, Any] | None = None,
     **store_kwargs: Any,
 ) -> Iterator[RunningWorker]:
     store = Store(directory, **store_kwargs)
     store.open()
     try:
-        app = create_app(store, WorkerOptions(token=token, idle_timeout=idle_timeout))
+        manager = ModelManager(store, backend_cmd, **(manager_kwargs or {}))
+        manager.open()
+        app = create_app(
+            store,
+            WorkerOptions(token=token, idle_timeout=idle_timeout, status_extra=manager.status),
+            extra_routes=repository_routes(manager),
+            lifespan_hooks=[manager.aclose],
+        )
         with serve_app(app) as url:
-            yield RunningWorker(url=url, store=store, dir=directory, token=token)
+            yield RunningWorker(url=url, store=store, dir=directory, token=token, manager=manager)
     finally:
         store.close()
 

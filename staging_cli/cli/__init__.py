@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 from typer import _completion_shared
-from typer.completion import completion_init
+from typer._completion_classes import completion_init
 
 from .. import __version__
 from ..config import ENV_CONFIG_DIR, Paths, default_map, load_config_file

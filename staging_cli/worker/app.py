@@ -46,6 +46,7 @@ class WorkerOptions:
     token: str | None = None
     idle_timeout: float = 60.0
     sweep_interval: float = 60.0
+    status_extra: Callable[[], dict[str, Any]] | None = None  # merged into GET /status
 
 
 TUS_HEADERS = {"Tus-Resumable": tus.TUS_VERSION}
@@ -301,6 +302,8 @@ class WorkerApp:
         body = self.store.status()
         body["version"] = __version__
         body["tus"] = {"version": tus.TUS_VERSION, "extensions": list(tus.TUS_EXTENSIONS)}
+        if self.options.status_extra is not None:
+            body.update(self.options.status_extra())
         return JSONResponse(body)
 
     # -- assembly --------------------------------------------------------------------------

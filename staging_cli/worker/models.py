@@ -241,6 +241,7 @@ class ModelManager:
         self._closed = False
         self._opened = False
         self._http: httpx.AsyncClient | None = None
+        self.loads_started = 0  # loads that did work (not no-ops or joins): /status shows it
 
     def http_client(self) -> httpx.AsyncClient:
         """The client the /v1 proxy talks to backends with (no read timeout: generation is slow)."""
@@ -318,6 +319,10 @@ class ModelManager:
 
     # -- queries -----------------------------------------------------------------------------
 
+    def status(self) -> dict[str, Any]:
+        """What the worker's ``GET /status`` adds about models."""
+        return {"models": self.index(), "loads_started": self.loads_started}
+
     def index(self) -> list[dict[str, Any]]:
         """The repository index: every recorded model, sorted by name."""
         if not self._opened:
@@ -391,6 +396,7 @@ class ModelManager:
         self._save()  # with the old backend's pid still in it, until that one is stopped
         old_backend, model.backend = model.backend, None
         self._stop_watching(model)
+        self.loads_started += 1
         model.task = asyncio.create_task(self._run_load(model, spec, size, old_backend))
         return await self._join(model, model.task)
 

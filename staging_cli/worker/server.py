@@ -15,8 +15,16 @@ from pathlib import Path
 
 import uvicorn
 
+from ..budget import (
+    DEFAULT_LOAD_TIMEOUT_BASE,
+    DEFAULT_LOAD_TIMEOUT_CAP,
+    DEFAULT_LOAD_TIMEOUT_PER_GIB,
+)
 from ..errors import UsageError
 from .app import WorkerOptions, create_app
+from .demo_backend import demo_backend_cmd
+from .models import ModelManager
+from .repository import repository_routes
 from .store import Store, StoreError
 
 
@@ -34,6 +42,17 @@ class WorkerConfig:
     expiry: float = 24 * 3600.0
     idle_timeout: float = 60.0
     log_level: str = "warning"
+    backend_cmd: str | None = None  # template with {model_path} {port} {model} {model_dir}
+    demo_backend: bool = False
+    load_timeout_base: float = DEFAULT_LOAD_TIMEOUT_BASE
+    load_timeout_per_gib: float = DEFAULT_LOAD_TIMEOUT_PER_GIB
+    load_timeout_cap: float = DEFAULT_LOAD_TIMEOUT_CAP
+
+    @property
+    def backend(self) -> str | None:
+        if self.demo_backend and self.backend_cmd:
+            raise UsageError("give either --backend-cmd or --demo-backend, not both")
+        return demo_backend_cmd() if self.demo_backend else self.backend_cmd
 
 
 def is_loopback(host: str) -> bool:
@@ -98,8 +117,25 @@ def run_worker(config: WorkerConfig, on_listening: Callable[[str], None] | None 
     except OSError as exc:
         raise UsageError(f"cannot use {config.dir} as the worker's store: {exc}") from exc
     try:
+        manager = ModelManager(
+            store,
+            config.backend,
+            timeout_base=config.load_timeout_base,
+            timeout_per_gib=config.load_timeout_per_gib,
+            timeout_cap=config.load_timeout_cap,
+        )
+        manager.open()
         sock = bind(config.host, config.port)
-        app = create_app(store, WorkerOptions(token=config.token, idle_timeout=config.idle_timeout))
+        app = create_app(
+            store,
+            WorkerOptions(
+                token=config.token,
+                idle_timeout=config.idle_timeout,
+                status_extra=manager.status,
+            ),
+            extra_routes=repository_routes(manager),
+            lifespan_hooks=[manager.aclose],
+        )
         server = uvicorn.Server(uvicorn_config(app, config.log_level))
         if on_listening is not None:
             on_listening(url_of(sock))

@@ -314,7 +314,10 @@ def test_concurrent_patch_gets_423_and_idle_body_releases_the_upload(tmp_path: P
             f"Content-Length: {len(data)}\r\n\r\n"
         ).encode()
         stalled.sendall(head + data[:50_000])
-        time.sleep(0.3)
+        deadline = time.monotonic() + 5
+        while not c.get("/status").json()["uploads"][0]["busy"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
         r = patch(c, url, 0, data)
         assert r.status_code == 423
         started = time.monotonic()
