@@ -5,7 +5,7 @@
 // Stores uploads under DIRECTORY (the upload's bytes in DIRECTORY/<id>, its info in
 // DIRECTORY/<id>.json), serves tus at /uploads on 127.0.0.1:PORT (0 or absent: any free
 // port) and prints exactly one line `listening on http://127.0.0.1:PORT` to stdout once it
-// accepts connections. Every request is logged to stderr as `METHOD URL -> STATUS`.
+// accepts connections. Every response is logged to stderr as `METHOD URL -> STATUS`.
 // Env TUS_MAX_SIZE (bytes), when set, becomes the server's maxSize (Tus-Max-Size, 413).
 // Env TUS_EXIT_ON_STDIN_EOF=1: exit when stdin closes, so a test runner that dies without
 // its cleanup (SIGKILL, a hard timeout) cannot leave this server running.
@@ -36,8 +36,17 @@ const tus = new Server({
 });
 
 const httpServer = http.createServer((req, res) => {
-  res.on("finish", () => {
-    process.stderr.write(`${req.method} ${req.url} -> ${res.statusCode}\n`);
+  // Logged as the status line goes out (stderr to a file is synchronous in Node.js), so the line
+  // is on disk before the client can have read the response.
+  const writeHead = res.writeHead;
+  res.writeHead = function (status, ...rest) {
+    process.stderr.write(`${req.method} ${req.url} -> ${status}\n`);
+    return writeHead.call(this, status, ...rest);
+  };
+  res.on("close", () => {
+    if (!res.headersSent) {
+      process.stderr.write(`${req.method} ${req.url} -> (closed without a response)\n`);
+    }
   });
   tus.handle(req, res).catch((error) => {
     process.stderr.write(`handler failed: ${error?.stack ?? error}\n`);
