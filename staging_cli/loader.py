@@ -212,3 +212,15 @@ class Loader:
             return False
         self._refused(response, what)
         return True
+
+    async def gc(self, *, dry_run: bool = True, min_age: float | None = None) -> dict[str, Any]:
+        """``POST /v2/repository/gc`` (staging-cli workers): remove blobs no model uses."""
+        body: dict[str, Any] = {"dry_run": dry_run}
+        if min_age is not None:
+            body["min_age"] = min_age
+        response = await self._post(
+            f"{self.url}/v2/repository/gc", body, "garbage collection", None
+        )
+        self._refused(response, "garbage collection")
+        result: dict[str, Any] = response.json()
+        return result

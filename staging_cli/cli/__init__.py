@@ -16,6 +16,7 @@ from .. import __version__
 from ..config import ENV_CONFIG_DIR, Paths, default_map, load_config_file
 from ..errors import ConfigError
 from . import output
+from .models import gc, jobs, load, models, unload
 from .stage import stage
 from .status import status
 from .worker import worker
@@ -35,9 +36,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-app.command()(stage)
-app.command()(status)
-app.command()(worker)
+for command in (stage, load, unload, models, jobs, status, gc, worker):
+    app.command()(command)
 
 SHELLS = ("bash", "zsh", "fish")
 completion_init()  # registers typer's completion classes, which add_completion=False skips

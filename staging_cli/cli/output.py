@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from rich.console import Console
@@ -21,6 +22,7 @@ from rich.progress import (
 from rich.table import Table
 
 from ..config import format_size
+from ..coldload import ColdLoadResult, JobWaiting, Loaded, Loading
 from ..stager.events import (
     Event,
     FileSkipped,
@@ -151,6 +153,8 @@ class StageRenderer:
             )
         elif isinstance(event, Notice):
             p.console.print(f"{event.path}: {event.message}")
+        else:
+            self._lifecycle(event, lambda text: p.console.print(text, markup=False))
 
     def _plain(self, event: Event) -> None:
         if isinstance(event, Hashing):
@@ -179,13 +183,29 @@ class StageRenderer:
             info(f"{event.path}: {event.message}")
         elif isinstance(event, FileStaged):
             pass
+        else:
+            self._lifecycle(event, info)
 
-    def summary(self, result: StageResult) -> None:
+    def _lifecycle(self, event: Event, say: Callable[[str], None]) -> None:
+        if isinstance(event, JobWaiting):
+            if not self._throttled("w" + event.model, False):
+                total = format_size(event.bytes_total) if event.bytes_total else "?"
+                say(
+                    f"waiting for {event.owner} ({event.phase}, {format_size(event.bytes_done)} / {total})"
+                )
+        elif isinstance(event, Loading):
+            say(f"loading {event.model} on {event.worker} (timeout {event.timeout:.0f}s)")
+        elif isinstance(event, Loaded):
+            say(f"{event.model} is {event.state} on {event.worker}")
+
+    def summary(self, result: StageResult | ColdLoadResult) -> None:
         if self.mode == "json":
             print_json(result.to_dict())
             return
         if self.mode == "quiet":
             return
+        if isinstance(result, ColdLoadResult) and result.role == "waiter":
+            print(f"another process ({result.job.get('owner')}) did the work for {result.model}")
         for f in result.files:
             what = (
                 "already on the worker"
@@ -196,7 +216,8 @@ class StageRenderer:
                 )
             )
             print(f"staged {f.path} ({format_size(f.size)}, sha256 {f.sha256}): {what}")
-        print(f"model {result.model or '-'} is staged on {result.worker}")
+        done = "staged and loaded" if getattr(result, "loaded", False) else "staged"
+        print(f"model {result.model or '-'} is {done} on {result.worker}")
 
     def interrupted_note(self) -> str:
         parts = [
@@ -241,3 +262,37 @@ def status_table(status: dict[str, Any], worker: str) -> None:
         console.print(table)
     else:
         console.print("no blobs")
+
+
+def models_table(entries: list[dict[str, Any]], worker: str) -> None:
+    console = Console(highlight=False)
+    if not entries:
+        console.print(f"worker {worker} has no models")
+        return
+    table = Table("model", "state", "files", "reason", title=f"models on {worker}")
+    for e in entries:
+        files = ", ".join(str(f)[:12] for f in e.get("files", []))
+        table.add_row(str(e.get("name")), str(e.get("state")), files, str(e.get("reason") or ""))
+    console.print(table)
+
+
+def jobs_table(entries: list[dict[str, Any]]) -> None:
+    console = Console(highlight=False)
+    if not entries:
+        console.print("no jobs")
+        return
+    table = Table("model", "worker", "status", "owner", "attempt", "phase", "progress", "error")
+    for e in entries:
+        total = e.get("bytes_total") or 0
+        progress = f"{100.0 * e.get('bytes_done', 0) / total:.0f}%" if total else "-"
+        table.add_row(
+            str(e["model"]),
+            str(e["worker"]),
+            str(e["status"]),
+            str(e.get("owner") or "-"),
+            str(e.get("attempt")),
+            str(e.get("phase") or ""),
+            progress,
+            str(e.get("error") or ""),
+        )
+    console.print(table)

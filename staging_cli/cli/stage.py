@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..api import stage_async
+from ..coldload import prestage
 from ..config import DEFAULT_STALL_WINDOW
 from ..stager import StageOptions
 from ..tus import CHECKSUM_ALGORITHMS
@@ -82,16 +82,28 @@ def stage(
     no_load: Annotated[
         bool, typer.Option("--no-load", help="Only stage; do not ask the worker to load the model.")
     ] = False,
+    dsn: Annotated[
+        str | None,
+        typer.Option(
+            help="PostgreSQL DSN of the coordinator shared by every stager and router "
+            "(default: an SQLite file in the state dir, for one machine).",
+            envvar=env("dsn"),
+            show_default=False,
+        ),
+    ] = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print NDJSON events and a final summary.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
 ) -> None:
-    """Upload FILES to a worker: resumable, checksummed, chunked (tus 1.0).
+    """Upload FILES to a worker (resumable, checksummed, chunked: tus 1.0), then load the model.
 
-    Staging the same file again sends nothing; an interrupted run resumes from the worker's
-    offset when run again (from any machine). Exit codes: 0 staged, 1 staging error, 2 usage,
-    130 interrupted (the upload stays resumable).
+    Exactly one process per model and worker does the work, across every process sharing the
+    coordinator (--dsn); the others wait and report its result. Staging the same file again
+    sends nothing; an interrupted run resumes from the worker's offset when run again (from any
+    machine).
+
+    Exit codes: 0 done, 1 staging or load error, 2 usage, 130 interrupted (resumable).
     """
     options = StageOptions(
         chunk_size=size_option(chunk_size) or 0,
@@ -103,12 +115,14 @@ def stage(
     renderer = StageRenderer.for_terminal(json_mode=json_output, quiet=quiet)
     with renderer:
         result = run(
-            lambda: stage_async(
+            lambda: prestage(
                 files,
                 model=model,
                 worker=worker,
                 token=token,
                 sha256=sha256,
+                load=not no_load,
+                dsn=dsn,
                 options=options,
                 on_event=renderer,
             ),

@@ -7,6 +7,11 @@ from typing import Annotated
 
 import typer
 
+from ..budget import (
+    DEFAULT_LOAD_TIMEOUT_BASE,
+    DEFAULT_LOAD_TIMEOUT_CAP,
+    DEFAULT_LOAD_TIMEOUT_PER_GIB,
+)
 from ..config import DEFAULT_IDLE_TIMEOUT, DEFAULT_UPLOAD_EXPIRY, DEFAULT_WORKER_PORT
 from ..errors import StagingError
 from ..worker.server import WorkerConfig, run_worker
@@ -61,8 +66,46 @@ def worker(
     log_level: Annotated[
         str, typer.Option(help="debug, info, warning or error.", envvar=env("worker_log_level"))
     ] = "warning",
+    backend_cmd: Annotated[
+        str | None,
+        typer.Option(
+            help="Command that serves one model, with {model_path} {port} {model} {model_dir}, "
+            'e.g. "llama-server -m {model_path} --port {port}".',
+            envvar=env("worker_backend_cmd"),
+            show_default=False,
+        ),
+    ] = None,
+    demo_backend: Annotated[
+        bool,
+        typer.Option(
+            "--demo-backend",
+            help="Serve every model with the built-in demo backend (a demo, not inference).",
+            envvar=env("worker_demo_backend"),
+        ),
+    ] = False,
+    load_timeout_base: Annotated[
+        float,
+        typer.Option(
+            help="Load timeout: seconds for any model...", envvar=env("worker_load_timeout_base")
+        ),
+    ] = DEFAULT_LOAD_TIMEOUT_BASE,
+    load_timeout_per_gib: Annotated[
+        float,
+        typer.Option(
+            help="...plus seconds per GiB of model files...",
+            envvar=env("worker_load_timeout_per_gib"),
+        ),
+    ] = DEFAULT_LOAD_TIMEOUT_PER_GIB,
+    load_timeout_cap: Annotated[
+        float,
+        typer.Option(
+            help="...never more than this many seconds.", envvar=env("worker_load_timeout_cap")
+        ),
+    ] = DEFAULT_LOAD_TIMEOUT_CAP,
 ) -> None:
-    """Run the reference worker: tus uploads into a content-addressed store under --dir.
+    """Run the reference worker: tus uploads into a store under --dir, and model loading.
+
+    Loading follows the KServe v2 repository API and starts --backend-cmd per model.
 
     Prints "listening on URL" once it accepts connections.
     """
@@ -77,6 +120,11 @@ def worker(
         expiry=expiry,
         idle_timeout=idle_timeout,
         log_level=log_level,
+        backend_cmd=backend_cmd,
+        demo_backend=demo_backend,
+        load_timeout_base=load_timeout_base,
+        load_timeout_per_gib=load_timeout_per_gib,
+        load_timeout_cap=load_timeout_cap,
     )
 
     def announce(url: str) -> None:

@@ -68,7 +68,7 @@ def test_plain_output_when_not_a_terminal(worker: RunningWorker, tmp_path: Path)
     done = cli("stage", str(source), "-m", "m", "-w", worker.url, env=cli_env(tmp_path))
     assert done.returncode == 0
     assert "staging " in done.stderr and "\x1b[" not in done.stderr
-    assert "is staged on" in done.stdout
+    assert "is staged and loaded on" in done.stdout
     quiet = cli("stage", str(source), "-m", "m", "-w", worker.url, "-q", env=cli_env(tmp_path))
     assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
 
