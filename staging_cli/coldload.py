@@ -33,10 +33,10 @@ from typing import Any, ClassVar
 from .budget import load_timeout
 from .config import Paths
 from .coordinator import Coordinator, JobSpec, JobState, Lease, Progress, open_coordinator
-from .errors import LoadError, StagingError, UsageError
+from .errors import CoordinatorError, LoadError, LostOwnership, StagingError, UsageError
 from .loader import Loader
 from .stager import FileResult, StageOptions, Stager, open_stager
-from .stager.events import Event, EventSink, UploadProgress, ignore
+from .stager.events import Event, EventSink, Notice, UploadProgress, ignore
 from .tus import validate_model_name
 
 PUBLISH_INTERVAL = 0.5
@@ -190,31 +190,53 @@ class ColdLoader:
             self.emit(event)
 
         async def publish() -> None:
+            """Progress for every other process; only a lost lease ends the work early."""
             nonlocal published
             while True:
-                if latest != published:
-                    published = latest
-                    await lease.progress(published)
                 await asyncio.sleep(PUBLISH_INTERVAL)
+                if latest == published:
+                    continue
+                try:
+                    await lease.progress(latest)
+                    published = latest
+                except LostOwnership:
+                    raise
+                except CoordinatorError as exc:
+                    # the database may be restarting: the lease's heartbeat keeps retrying and
+                    # decides; the bytes keep moving meanwhile (the worker guards the store)
+                    self.emit(Notice(request.model, f"cannot publish progress: {exc}"))
+
+        async def stage_all() -> list[FileResult]:
+            nonlocal done_before
+            results = []
+            staged = request.paths and zip(
+                request.paths, request.digests, request.sizes, strict=True
+            )
+            for path, digest, size in staged or ():
+                results.append(
+                    await self.stager.stage_file(path, model=request.model, sha256=digest)
+                )
+                done_before += size
+            return results
 
         await lease.progress(latest)
-        files: list[FileResult] = []
         saved_emit = self.stager.emit
         self.stager.emit = track
+        work = asyncio.create_task(stage_all())
         publisher = asyncio.create_task(publish())
         try:
-            for path, digest, size in zip(
-                request.paths, request.digests, request.sizes, strict=True
-            ):
-                files.append(await self.stager.stage_file(path, model=request.model, sha256=digest))
-                done_before += size
-                if publisher.done():
-                    publisher.result()  # LostOwnership surfaces here
+            await asyncio.wait({work, publisher}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                work.cancel()  # the publisher ended: this process lost the job
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+                publisher.result()
+            files = work.result()
         finally:
             self.stager.emit = saved_emit
-            publisher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await publisher
+            for task in (work, publisher):
+                task.cancel()
+            await asyncio.gather(work, publisher, return_exceptions=True)
         if not request.paths:
             files = [
                 FileResult("", d, s, True, s, 0)

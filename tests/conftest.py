@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 
 from staging_cli.config import Paths
 
+from . import pgserver
 from .support import RunningWorker, run_worker_in_thread
 
 
@@ -25,3 +27,27 @@ def worker(tmp_path: Path) -> Iterator[RunningWorker]:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[pgserver.PgServer | None]:
+    """The suite's own PostgreSQL (None when STAGING_CLI_TEST_DSN points at an external one).
+    Missing server binaries fail the run in CI and skip the PostgreSQL tests elsewhere."""
+    if os.environ.get("STAGING_CLI_TEST_DSN"):
+        yield None
+        return
+    try:
+        server = pgserver.start_pg()
+    except pgserver.PgUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(pg_server: pgserver.PgServer | None) -> str:
+    return os.environ.get("STAGING_CLI_TEST_DSN") or (pg_server.dsn if pg_server else "")

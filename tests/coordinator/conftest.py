@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ for _path in (_TESTS, _TESTS.parent):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-import pgserver  # noqa: E402
 
 from staging_cli.coordinator import (  # noqa: E402
     Coordinator,
@@ -30,29 +28,6 @@ from staging_cli.coordinator import (  # noqa: E402
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[pgserver.PgServer | None]:
-    """The suite's own PostgreSQL (None when STAGING_CLI_TEST_DSN points at an external one)."""
-    if os.environ.get("STAGING_CLI_TEST_DSN"):
-        yield None
-        return
-    try:
-        server = pgserver.start_pg()
-    except pgserver.PgUnavailable as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
-    try:
-        yield server
-    finally:
-        server.destroy()
-
-
-@pytest.fixture(scope="session")
-def pg_dsn(pg_server: pgserver.PgServer | None) -> str:
-    return os.environ.get("STAGING_CLI_TEST_DSN") or (pg_server.dsn if pg_server else "")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
