@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -82,7 +81,7 @@ def test_eight_concurrent_prestagers_one_upload_one_load(
     args = dsn_args(backend, request)
     with processes([(stage_cmd(source, worker.url, *args), env) for env in envs]) as procs:
         outs = [p.communicate(timeout=180) for p in procs]
-    for p, (out, err) in zip(procs, outs, strict=True):
+    for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
     results = [summary(out) for out, _ in outs]
     assert sum(r["role"] == "owner" for r in results) == 1
@@ -262,8 +261,8 @@ def test_postgres_restart_mid_job(
         )
         time.sleep(3)
         server.start()
-        out, err = owner.communicate(timeout=180)
-        c_out, c_err = contender.communicate(timeout=180)
+        _out, err = owner.communicate(timeout=180)
+        _c_out, c_err = contender.communicate(timeout=180)
     finally:
         for p in (owner, contender):
             if p is not None and p.poll() is None:
