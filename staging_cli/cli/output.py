@@ -21,8 +21,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ..config import format_size
 from ..coldload import ColdLoadResult, JobWaiting, Loaded, Loading
+from ..config import format_size
 from ..stager.events import (
     Event,
     FileSkipped,
