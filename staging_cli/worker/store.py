@@ -457,6 +457,11 @@ class ChunkWriter:
                 written = os.pwrite(self._fd, view, pos)
                 view = view[written:]
                 pos += written
+            # Start writing this piece to disk now (asynchronously: WB_SYNC_NONE), while the
+            # event loop receives the next one, so that commit's fdatasync finds little left
+            # to flush instead of the whole chunk: the disk works during the transfer rather
+            # than after it, with the client idle. The fdatasync still guarantees durability.
+            os.posix_fadvise(self._fd, self.pos, pos - self.pos, os.POSIX_FADV_DONTNEED)
         except OSError as exc:
             if exc.errno == 28:  # ENOSPC
                 raise StoreError(507, "the worker's disk is full; the chunk was discarded") from exc
