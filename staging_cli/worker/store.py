@@ -461,7 +461,8 @@ class ChunkWriter:
             # event loop receives the next one, so that commit's fdatasync finds little left
             # to flush instead of the whole chunk: the disk works during the transfer rather
             # than after it, with the client idle. The fdatasync still guarantees durability.
-            os.posix_fadvise(self._fd, self.pos, pos - self.pos, os.POSIX_FADV_DONTNEED)
+            if hasattr(os, "posix_fadvise"):  # not on macOS/Windows: there, fdatasync does it all
+                os.posix_fadvise(self._fd, self.pos, pos - self.pos, os.POSIX_FADV_DONTNEED)
         except OSError as exc:
             if exc.errno == 28:  # ENOSPC
                 raise StoreError(507, "the worker's disk is full; the chunk was discarded") from exc
