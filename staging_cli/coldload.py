@@ -25,7 +25,7 @@ import contextlib
 import os
 import secrets
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -106,46 +106,77 @@ class ColdLoadResult:
         }
 
 
+# The job's worker when the owner chooses it (the router's cold loads): every replica then agrees
+# on one job per model and set of files, whichever worker it ends up on.
+PLACED_BY_OWNER = "placed-by-owner"
+
+
 @dataclass
-class _Request:
+class ColdLoadRequest:
+    """One model's files to stage (and load) on a worker, or on a worker the owner picks."""
+
     model: str
-    worker: str
+    worker: str | None  # None: the owner places it with ColdLoader.place
     paths: list[Path]  # empty for load-only
     digests: list[str]
     sizes: list[int]
-    load: bool
-    parameters: Mapping[str, Any] | None
+    load: bool = True
+    parameters: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Placed(Event):
+    """The owner chose a worker for the model, and why."""
+
+    event: ClassVar[str] = "placed"
+    model: str
+    worker: str
+    reason: str
+
+
+StagerFactory = Callable[[str], Stager]
+Placer = Callable[[ColdLoadRequest], Awaitable[tuple[str, str]]]
 
 
 class ColdLoader:
-    """Runs cold loads through a coordinator with one stager and one loader per worker."""
+    """Runs cold loads through a coordinator; ``stager_for(url)`` gives the stager of a worker
+    (its client, token and caches), ``place`` chooses a worker when the request names none."""
 
     def __init__(
         self,
         coordinator: Coordinator,
-        stager: Stager,
+        stager_for: StagerFactory,
         *,
+        place: Placer | None = None,
         owner: str | None = None,
         on_event: EventSink = ignore,
         load_timeout_cap: float | None = None,
     ) -> None:
         self.coordinator = coordinator
-        self.stager = stager
+        self.stager_for = stager_for
+        self.place = place
         self.owner = owner or owner_id()
         self.emit = on_event
         self.load_timeout_cap = load_timeout_cap
-        self.loader = Loader(stager.client, stager.worker)
 
-    async def run(self, request: _Request) -> ColdLoadResult:
-        spec = JobSpec.of(request.model, request.worker, request.digests)
+    def _loader(self, worker: str) -> tuple[Stager, Loader]:
+        stager = self.stager_for(worker)
+        return stager, Loader(stager.client, stager.worker)
+
+    async def run(
+        self, request: ColdLoadRequest, on_event: EventSink | None = None
+    ) -> ColdLoadResult:
+        """Own the job and do it, or follow its owner; returns the job's outcome."""
+        emit = on_event or self.emit
+        spec = JobSpec.of(request.model, request.worker or PLACED_BY_OWNER, request.digests)
         while True:
             lease = await self.coordinator.acquire(spec, owner=self.owner)
             if lease is not None:
                 async with lease:
-                    return await self._own(lease, request)
+                    return await self._own(lease, request, emit)
             state = await self.coordinator.get(spec.key)
             while state is not None and state.status == "running" and not state.claimable:
-                self.emit(
+                emit(
                     JobWaiting(
                         request.model,
                         state.owner,
@@ -165,15 +196,24 @@ class ColdLoader:
                 continue
             if state.status == "failed":
                 grace = self.coordinator.tuning.failure_grace
+                where = request.worker or (state.result or {}).get("worker") or "a worker"
                 raise StagingError(
                     f"another process ({state.owner}) failed to stage {request.model} on "
-                    f"{request.worker}: {state.error}. Fix the cause; a new attempt may start "
+                    f"{where}: {state.error}. Fix the cause; a new attempt may start "
                     f"{grace:.0f} s after that failure"
                 )
 
-    async def _own(self, lease: Lease, request: _Request) -> ColdLoadResult:
+    async def _own(self, lease: Lease, request: ColdLoadRequest, emit: EventSink) -> ColdLoadResult:
         total = sum(request.sizes)
-        latest = Progress("staging", 0, total, None, "claimed")
+        worker, reason = request.worker, ""
+        if worker is None:
+            if self.place is None:
+                raise UsageError(f"no worker given for {request.model} and no placement configured")
+            await lease.progress(Progress("placing", 0, total, None, "choosing a worker"))
+            worker, reason = await self.place(request)
+            emit(Placed(request.model, worker, reason))
+        stager, loader = self._loader(worker)
+        latest = Progress("staging", 0, total, None, f"{worker}: {reason}" if reason else worker)
         published = latest
         done_before = 0
 
@@ -185,9 +225,9 @@ class ColdLoader:
                     done_before + event.bytes_done,
                     total,
                     event.eta_seconds,
-                    f"{Path(event.path).name}: {event.bytes_done}/{event.bytes_total}",
+                    f"{worker} {Path(event.path).name}: {event.bytes_done}/{event.bytes_total}",
                 )
-            self.emit(event)
+            emit(event)
 
         async def publish() -> None:
             """Progress for every other process; only a lost lease ends the work early."""
@@ -204,7 +244,7 @@ class ColdLoader:
                 except CoordinatorError as exc:
                     # the database may be restarting: the lease's heartbeat keeps retrying and
                     # decides; the bytes keep moving meanwhile (the worker guards the store)
-                    self.emit(Notice(request.model, f"cannot publish progress: {exc}"))
+                    emit(Notice(request.model, f"cannot publish progress: {exc}"))
 
         async def stage_all() -> list[FileResult]:
             nonlocal done_before
@@ -214,14 +254,14 @@ class ColdLoader:
             )
             for path, digest, size in staged or ():
                 results.append(
-                    await self.stager.stage_file(path, model=request.model, sha256=digest)
+                    await stager.stage_file(
+                        path, model=request.model, sha256=digest, on_event=track
+                    )
                 )
                 done_before += size
             return results
 
         await lease.progress(latest)
-        saved_emit = self.stager.emit
-        self.stager.emit = track
         work = asyncio.create_task(stage_all())
         publisher = asyncio.create_task(publish())
         try:
@@ -233,7 +273,6 @@ class ColdLoader:
                 publisher.result()
             files = work.result()
         finally:
-            self.stager.emit = saved_emit
             for task in (work, publisher):
                 task.cancel()
             await asyncio.gather(work, publisher, return_exceptions=True)
@@ -248,53 +287,58 @@ class ColdLoader:
             if self.load_timeout_cap is not None:
                 timeout = min(timeout, self.load_timeout_cap)
             await lease.progress(
-                Progress("loading", total, total, None, f"timeout {timeout:.0f} s")
+                Progress("loading", total, total, None, f"{worker}: timeout {timeout:.0f} s")
             )
-            self.emit(Loading(request.model, request.worker, timeout))
-            state = await self.loader.load(
+            emit(Loading(request.model, worker, timeout))
+            state = await loader.load(
                 request.model, request.digests, request.parameters, wait=timeout + 60
             )
             if not state.ready:
                 raise LoadError(
-                    f"worker {request.worker} answered the load of {request.model} with "
+                    f"worker {worker} answered the load of {request.model} with "
                     f"{state.state}: {state.reason or 'no reason given'}"
                 )
-            self.emit(Loaded(request.model, request.worker, state.state))
+            emit(Loaded(request.model, worker, state.state))
             loaded = True
-        result = ColdLoadResult(request.model, request.worker, tuple(files), loaded, "owner")
         summary = {
             "loaded": loaded,
+            "worker": worker,
+            "placement": reason,
             "files": [{"sha256": f.sha256, "size": f.size} for f in files],
         }
         await lease.succeed(summary)
         return ColdLoadResult(
-            result.model,
-            result.worker,
-            result.files,
+            request.model,
+            worker,
+            tuple(files),
             loaded,
             "owner",
             {"key": lease.key, "attempt": lease.attempt, "owner": lease.owner},
         )
 
-    async def _still_valid(self, state: JobState, request: _Request) -> bool:
+    async def _still_valid(self, state: JobState, request: ColdLoadRequest) -> bool:
         """A succeeded job counts only while the worker still has what it produced."""
         result = state.result or {}
+        worker = request.worker or result.get("worker")
+        if not isinstance(worker, str):
+            return False
+        stager, loader = self._loader(worker)
         if request.load:
             if not result.get("loaded"):
                 return False
-            current = await self.loader.state(request.model)
+            current = await loader.state(request.model)
             return (
                 current is not None
                 and current.ready
                 and (not current.files or sorted(current.files) == sorted(request.digests))
             )
         for digest in request.digests:
-            response = await self.stager.client.head(self.stager.url(f"/blobs/sha256:{digest}"))
+            response = await stager.client.head(stager.url(f"/blobs/sha256:{digest}"))
             if response.status_code != 200:
                 return False
         return True
 
-    def _reported(self, state: JobState, request: _Request) -> ColdLoadResult:
+    def _reported(self, state: JobState, request: ColdLoadRequest) -> ColdLoadResult:
         names = [str(p) for p in request.paths] or [""] * len(request.digests)
         files = tuple(
             FileResult(n, d, s, True, s, 0)
@@ -303,7 +347,7 @@ class ColdLoader:
         loaded = bool((state.result or {}).get("loaded"))
         return ColdLoadResult(
             request.model,
-            request.worker,
+            request.worker or str((state.result or {}).get("worker")),
             files,
             loaded,
             "waiter",
@@ -339,7 +383,7 @@ async def prestage(
             version, digest = await stager.digest(Path(f), sha256[i] if sha256 else None)
             digests.append(digest)
             sizes.append(version.size)
-        request = _Request(
+        request = ColdLoadRequest(
             model, stager.worker, [Path(f) for f in files], digests, sizes, load, parameters
         )
         return await _with_coordinator(stager, request, dsn, where, coordinator, on_event, token)
@@ -373,7 +417,7 @@ async def load_model(
                 response = await stager.client.head(stager.url(f"/blobs/sha256:{digest}"))
                 length = response.headers.get("content-length", "0")
                 known.append(int(length) if response.status_code == 200 and length.isdigit() else 0)
-        request = _Request(model, stager.worker, [], list(digests), known, True, parameters)
+        request = ColdLoadRequest(model, stager.worker, [], list(digests), known, True, parameters)
         return await _with_coordinator(stager, request, dsn, where, coordinator, on_event, token)
     finally:
         await stager.aclose()
@@ -381,7 +425,7 @@ async def load_model(
 
 async def _with_coordinator(
     stager: Stager,
-    request: _Request,
+    request: ColdLoadRequest,
     dsn: str | None,
     where: Paths,
     coordinator: Coordinator | None,
@@ -394,7 +438,6 @@ async def _with_coordinator(
             coord = await stack.enter_async_context(
                 open_coordinator(dsn, state_dir=where.state_dir)
             )
-        runner = ColdLoader(coord, stager, on_event=on_event)
-        runner.loader = Loader(stager.client, stager.worker, token=token)
+        runner = ColdLoader(coord, lambda _url: stager, on_event=on_event)
         return await runner.run(request)
     raise AssertionError("unreachable")

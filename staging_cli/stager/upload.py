@@ -172,8 +172,11 @@ class Stager:
 
     # -- the public operation --------------------------------------------------------------
 
-    async def digest(self, path: Path, sha256: str | None = None) -> tuple[FileVersion, str]:
+    async def digest(
+        self, path: Path, sha256: str | None = None, on_event: EventSink | None = None
+    ) -> tuple[FileVersion, str]:
         """The file's version and sha256: given, cached, or computed (and then cached)."""
+        emit = on_event or self.emit
         try:
             version = FileVersion.of(path)
         except FileNotFoundError as exc:
@@ -191,8 +194,8 @@ class Stager:
         if cached:
             return version, cached
         name = str(path)
-        self.emit(Hashing(name, 0, version.size))
-        digest = await hash_file(path, lambda d, t: self.emit(Hashing(name, d, t)))
+        emit(Hashing(name, 0, version.size))
+        digest = await hash_file(path, lambda d, t: emit(Hashing(name, d, t)))
         if FileVersion.of(path) != version:
             raise FileChanged(
                 f"{path} changed while it was being hashed: wait until it is complete"
@@ -201,18 +204,25 @@ class Stager:
         return version, digest
 
     async def stage_file(
-        self, path: Path | str, *, model: str | None = None, sha256: str | None = None
+        self,
+        path: Path | str,
+        *,
+        model: str | None = None,
+        sha256: str | None = None,
+        on_event: EventSink | None = None,
     ) -> FileResult:
-        """Put one file on the worker; returns what was done."""
+        """Put one file on the worker; returns what was done. ``on_event`` overrides the
+        stager's event sink for this file (a stager may serve several cold loads at once)."""
         path = Path(path)
+        emit = on_event or self.emit
         if model is not None:
             tus.validate_model_name(model)
         started = self.clock()
-        version, digest = await self.digest(path, sha256)
-        run = _FileRun(self, path, version, digest, model)
+        version, digest = await self.digest(path, sha256, emit)
+        run = _FileRun(self, path, version, digest, model, emit)
         result = await run.run()
         result = FileResult(**{**result.to_dict(), "seconds": self.clock() - started})
-        self.emit(FileStaged(str(path), result))
+        emit(FileStaged(str(path), result))
         return result
 
     # -- HTTP plumbing shared by file runs -------------------------------------------------
@@ -265,9 +275,16 @@ class _FileRun:
     """The state of staging one file: offset, budget, backoff, bytes sent."""
 
     def __init__(
-        self, stager: Stager, path: Path, version: FileVersion, digest: str, model: str | None
+        self,
+        stager: Stager,
+        path: Path,
+        version: FileVersion,
+        digest: str,
+        model: str | None,
+        emit: EventSink,
     ) -> None:
         self.s = stager
+        self.emit = emit
         self.opts = stager.options
         self.path = path
         self.name = str(path)
@@ -310,7 +327,7 @@ class _FileRun:
         """Back off before a retry, never past the budget."""
         self.budget.check(self.offset, why)
         delay = min(self.backoff.next_delay(), max(0.0, self.budget.remaining()))
-        self.s.emit(Retrying(self.name, why, round(delay, 3), self.backoff.attempt))
+        self.emit(Retrying(self.name, why, round(delay, 3), self.backoff.attempt))
         await asyncio.sleep(delay)
         self.budget.check(self.offset, why)
 
@@ -424,7 +441,7 @@ class _FileRun:
                 status=413,
             )
         if self.checksum and server.checksums is not None and self.checksum not in server.checksums:
-            self.s.emit(
+            self.emit(
                 Notice(
                     self.name,
                     f"the worker does not verify {self.checksum} chunk "
@@ -433,12 +450,12 @@ class _FileRun:
             )
             self.checksum = None
         if await self._blob_exists():
-            self.s.emit(FileSkipped(self.name, self.size, self.digest, "the worker already has it"))
+            self.emit(FileSkipped(self.name, self.size, self.digest, "the worker already has it"))
             return FileResult(self.name, self.digest, self.size, True, self.size, 0)
         found = await self._lookup()
         self.url, self.offset = found or await self._create()
         resumed_from = self.offset
-        self.s.emit(FileStarted(self.name, self.size, self.digest, resumed_from, self.url))
+        self.emit(FileStarted(self.name, self.size, self.digest, resumed_from, self.url))
         self.meter.add(self.offset)
         await self._upload()
         if FileVersion.of(self.path) != self.version:
@@ -485,7 +502,7 @@ class _FileRun:
                             "the worker's memory corrupts data"
                         )
                     reader.forget()
-                    self.s.emit(
+                    self.emit(
                         Retrying(
                             self.name,
                             "chunk checksum mismatch (460); sending it again",
@@ -555,12 +572,12 @@ class _FileRun:
                 f"worker {self.s.worker} lost the upload of {self.path} {self.restarts} times "
                 "(expired or removed): check its --expiry and disk"
             )
-        self.s.emit(Notice(self.name, "the worker no longer has the upload; starting over"))
+        self.emit(Notice(self.name, "the worker no longer has the upload; starting over"))
         self.url, self.offset = await self._create()
 
     def _progress(self) -> None:
         self.meter.add(self.offset)
-        self.s.emit(
+        self.emit(
             UploadProgress(
                 self.name,
                 self.offset,
