@@ -43,6 +43,12 @@ PUBLISH_INTERVAL = 0.5
 WAIT_SLICE = 5.0
 
 
+def _worker_in(detail: str) -> str | None:
+    """The worker URL an owner's progress detail starts with (``"{worker}: ..."``)."""
+    first = detail.split(" ", 1)[0].rstrip(":") if detail else ""
+    return first if first.startswith(("http://", "https://")) else None
+
+
 def owner_id() -> str:
     """Who this process is in the coordinator: host, pid and a random suffix."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -59,6 +65,7 @@ class JobWaiting(Event):
     bytes_done: int
     bytes_total: int | None
     eta_seconds: float | None
+    worker: str | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +191,7 @@ class ColdLoader:
                         state.bytes_done,
                         state.bytes_total,
                         state.eta_seconds,
+                        request.worker or _worker_in(state.detail),
                     )
                 )
                 state = await self.coordinator.wait(spec.key, WAIT_SLICE, since=state)

@@ -114,7 +114,11 @@ def default_map(config: Mapping[str, Any], commands: Mapping[str, set[str]]) -> 
     def norm(key: str) -> str:
         return key.replace("-", "_")
 
-    top = {norm(k): v for k, v in config.items() if not isinstance(v, dict)}
+    top = {
+        norm(k): v
+        for k, v in config.items()
+        if not isinstance(v, dict) and k != "workers"  # [[workers]] is read by serve itself
+    }
     result: dict[str, Any] = {}
     for command, options in commands.items():
         values = {k: v for k, v in top.items() if k in options}
@@ -172,3 +176,18 @@ def format_size(n: float) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def workers_from_config(config: Mapping[str, Any]) -> list[tuple[str, str | None]]:
+    """``[[workers]]`` tables (``url``, optional ``token``) for ``serve``."""
+    tables = config.get("workers", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError('config file: workers must be [[workers]] tables with url = "..."')
+    result = []
+    for table in tables:
+        url = table.get("url")
+        if not isinstance(url, str) or not url:
+            raise ConfigError("config file: every [[workers]] table needs a url")
+        token = table.get("token")
+        result.append((url, str(token) if token is not None else None))
+    return result

@@ -7,19 +7,15 @@ import os
 import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-
 from staging_cli.worker.app import WorkerOptions, create_app
 from staging_cli.worker.models import ModelManager
 from staging_cli.worker.repository import repository_routes
-from staging_cli.worker.server import bind, url_of, uvicorn_config
+from staging_cli.worker.server import serve_in_thread
 from staging_cli.worker.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,25 +35,7 @@ class RunningWorker:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
 
-@contextlib.contextmanager
-def serve_app(app: Any, host: str = "127.0.0.1") -> Iterator[str]:
-    """Serve an ASGI app with uvicorn in a thread on a free port; yields its base URL."""
-    sock = bind(host, 0)
-    server = uvicorn.Server(uvicorn_config(app))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("test server did not start")
-        time.sleep(0.01)
-    try:
-        yield url_of(sock)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+serve_app = serve_in_thread  # an ASGI app on a free loopback port, in a thread
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from ..config import ENV_CONFIG_DIR, Paths, default_map, load_config_file
 from ..errors import ConfigError
 from . import output
 from .models import gc, jobs, load, models, unload
+from .serve import serve
 from .stage import stage
 from .status import status
 from .worker import worker
@@ -36,7 +37,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-for command in (stage, load, unload, models, jobs, status, gc, worker):
+for command in (serve, stage, load, unload, models, jobs, status, gc, worker):
     app.command()(command)
 
 SHELLS = ("bash", "zsh", "fish")
@@ -89,4 +90,4 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         output.error(str(exc))
         sys.exit(2)
-    app(args=argv, prog_name="staging-cli", default_map=defaults)
+    app(args=argv, prog_name="staging-cli", default_map=defaults, obj={"config": config})

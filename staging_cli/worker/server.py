@@ -6,14 +6,18 @@ The socket is bound here (not by uvicorn) so the real address is known before se
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from ..budget import (
     DEFAULT_LOAD_TIMEOUT_BASE,
@@ -47,6 +51,8 @@ class WorkerConfig:
     load_timeout_base: float = DEFAULT_LOAD_TIMEOUT_BASE
     load_timeout_per_gib: float = DEFAULT_LOAD_TIMEOUT_PER_GIB
     load_timeout_cap: float = DEFAULT_LOAD_TIMEOUT_CAP
+    idle_ttl: float | None = None  # unload a model's backend after this many idle seconds
+    max_loaded: int | None = None  # at most this many backend processes at once
 
     @property
     def backend(self) -> str | None:
@@ -99,14 +105,14 @@ def uvicorn_config(app: object, log_level: str = "warning") -> uvicorn.Config:
     )
 
 
-def run_worker(config: WorkerConfig, on_listening: Callable[[str], None] | None = None) -> None:
-    """Open the store and serve until interrupted."""
+def open_worker(config: WorkerConfig) -> tuple[ASGIApp, Store]:
+    """Open the store and the model manager and assemble the worker's ASGI app.
+    The caller closes the store when done (the app's lifespan stops the backends)."""
     if not config.token and not is_loopback(config.host) and not config.insecure:
         raise UsageError(
             f"refusing to listen on {config.host} without a token: anyone on the network could "
             "write to this worker. Pass --token (or STAGING_CLI_WORKER_TOKEN), or --insecure"
         )
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     store = Store(
         config.dir, max_size=config.max_size, expiry=config.expiry, min_free=config.min_free
     )
@@ -123,9 +129,10 @@ def run_worker(config: WorkerConfig, on_listening: Callable[[str], None] | None 
             timeout_base=config.load_timeout_base,
             timeout_per_gib=config.load_timeout_per_gib,
             timeout_cap=config.load_timeout_cap,
+            idle_ttl=config.idle_ttl,
+            max_loaded=config.max_loaded,
         )
         manager.open()
-        sock = bind(config.host, config.port)
         app = create_app(
             store,
             WorkerOptions(
@@ -136,9 +143,55 @@ def run_worker(config: WorkerConfig, on_listening: Callable[[str], None] | None 
             extra_routes=repository_routes(manager),
             lifespan_hooks=[manager.aclose],
         )
+    except BaseException:
+        store.close()
+        raise
+    return app, store
+
+
+def run_worker(config: WorkerConfig, on_listening: Callable[[str], None] | None = None) -> None:
+    """Serve the worker until interrupted."""
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    app, store = open_worker(config)
+    try:
+        sock = bind(config.host, config.port)
         server = uvicorn.Server(uvicorn_config(app, config.log_level))
         if on_listening is not None:
             on_listening(url_of(sock))
         server.run(sockets=[sock])
+    finally:
+        store.close()
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: object, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn in a thread (its own event loop); yields the base URL.
+    Used for the router's embedded worker and by the tests. Always stopped on exit."""
+    sock = bind(host, port)
+    server = uvicorn.Server(uvicorn_config(app))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            sock.close()
+            raise UsageError(f"the server on {host}:{port} did not start")
+        time.sleep(0.01)
+    try:
+        yield url_of(sock)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@contextlib.contextmanager
+def worker_in_thread(config: WorkerConfig) -> Iterator[str]:
+    """A whole worker (store, models, backends) served from a thread; yields its URL."""
+    app, store = open_worker(config)
+    try:
+        with serve_in_thread(app, config.host, config.port) as url:
+            yield url
     finally:
         store.close()
