@@ -92,6 +92,14 @@ def serve(
             envvar=env("stall_window"),
         ),
     ] = DEFAULT_STALL_WINDOW,
+    limit_rate: Annotated[
+        str | None,
+        typer.Option(
+            help="Bandwidth cap per cold-load upload, e.g. 100MiB.",
+            envvar=env("limit_rate"),
+            show_default=False,
+        ),
+    ] = None,
     token: Annotated[
         str | None,
         typer.Option(
@@ -139,7 +147,9 @@ def serve(
         token=token,
         insecure=insecure,
         stage_options=StageOptions(
-            chunk_size=size_option(chunk_size) or 0, stall_window=stall_window
+            chunk_size=size_option(chunk_size) or 0,
+            stall_window=stall_window,
+            limit_rate=size_option(limit_rate),
         ),
         idle_ttl=idle_ttl,
         max_loaded=max_loaded,
