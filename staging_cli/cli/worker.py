@@ -102,6 +102,26 @@ def worker(
             help="...never more than this many seconds.", envvar=env("worker_load_timeout_cap")
         ),
     ] = DEFAULT_LOAD_TIMEOUT_CAP,
+    idle_ttl: Annotated[
+        float | None,
+        typer.Option(
+            help="Unload a model's backend after this many seconds without requests "
+            "(its files and record stay; a load brings it back). Default: never.",
+            envvar=env("worker_idle_ttl"),
+            show_default=False,
+            min=0.001,
+        ),
+    ] = None,
+    max_loaded: Annotated[
+        int | None,
+        typer.Option(
+            help="Run at most N model backends at once: a load beyond that first unloads the "
+            "least recently used idle one (503 if all are busy). Default: no limit.",
+            envvar=env("worker_max_loaded"),
+            show_default=False,
+            min=1,
+        ),
+    ] = None,
 ) -> None:
     """Run the reference worker: tus uploads into a store under --dir, and model loading.
 
@@ -125,6 +145,8 @@ def worker(
         load_timeout_base=load_timeout_base,
         load_timeout_per_gib=load_timeout_per_gib,
         load_timeout_cap=load_timeout_cap,
+        idle_ttl=idle_ttl,
+        max_loaded=max_loaded,
     )
 
     def announce(url: str) -> None:

@@ -13,6 +13,10 @@ of that ("demo backend: model file X, N bytes, sha256 abc123..., GGUF v3 ...").
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions`` (non-streaming,
 and ``"stream": true`` as SSE: several ``data:`` chunks 20 ms apart, then ``data: [DONE]``).
+
+Two optional request fields shape a stream, for demos and tests of long generations:
+``"delay"`` (seconds between chunks, at most 10; default 0.02) and ``"max_tokens"`` (the number
+of words to stream: the description is repeated, or cut, to that many; default its length).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from starlette.routing import Route
 HASH_LIMIT = 64 * 1024 * 1024
 GGUF_MAGIC = b"GGUF"
 CHUNK_DELAY = 0.02
+MAX_CHUNK_DELAY = 10.0
+MAX_STREAM_WORDS = 100_000
 MAX_KV_SCAN = 64
 
 # GGUF metadata value types (gguf spec): fixed sizes of the scalar ones.
@@ -215,8 +221,20 @@ def create_demo_app(facts: ModelFacts, model_id: str = "demo") -> Starlette:
         created = int(time.time())
         ident = f"chatcmpl-demo-{created}"
         if isinstance(body, dict) and body.get("stream"):
+            delay = body.get("delay", CHUNK_DELAY)
+            if isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0:
+                delay = CHUNK_DELAY
+            count = body.get("max_tokens")
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                count = len(words)
             return StreamingResponse(
-                _stream(ident, created, model),
+                _stream(
+                    ident,
+                    created,
+                    model,
+                    min(float(delay), MAX_CHUNK_DELAY),
+                    min(count, MAX_STREAM_WORDS),
+                ),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
@@ -241,7 +259,9 @@ def create_demo_app(facts: ModelFacts, model_id: str = "demo") -> Starlette:
             }
         )
 
-    async def _stream(ident: str, created: int, model: str) -> AsyncIterator[bytes]:
+    async def _stream(
+        ident: str, created: int, model: str, delay: float, count: int
+    ) -> AsyncIterator[bytes]:
         def event(delta: dict[str, str], finish: str | None = None) -> bytes:
             chunk = {
                 "id": ident,
@@ -252,10 +272,11 @@ def create_demo_app(facts: ModelFacts, model_id: str = "demo") -> Starlette:
             }
             return f"data: {json.dumps(chunk)}\n\n".encode()
 
+        streamed = [words[i % len(words)] for i in range(count)]
         yield event({"role": "assistant", "content": ""})
-        for i in range(0, len(words), 4):
-            await asyncio.sleep(CHUNK_DELAY)
-            yield event({"content": " ".join(words[i : i + 4]) + " "})
+        for i in range(0, len(streamed), 4):
+            await asyncio.sleep(delay)
+            yield event({"content": " ".join(streamed[i : i + 4]) + " "})
         yield event({}, "stop")
         yield b"data: [DONE]\n\n"
 

@@ -29,6 +29,30 @@ Rules:
   consequence of a backend misbehaving), a load request brings them back.
 * Without a backend command a load verifies and records the model and it is READY for staging
   purposes; inference requests for it are answered 501 by the proxy.
+
+Keeping models loaded (both off by default: a loaded model stays loaded until unloaded)::
+
+    READY --idle for idle_ttl s / evicted for max_loaded--> UNLOADING --> UNAVAILABLE (recorded)
+
+* The ``/v1`` proxy counts the requests in flight per model (:meth:`ModelManager.begin_request`,
+  released when the streamed answer has finished, failed or the client went away) and keeps the
+  model's ``last_used`` time (monotonic: the start and end of every request, the completion of
+  its load, and every repeated load request, which says someone still wants it). The index
+  shows ``in_flight`` and ``idle_seconds`` (seconds since ``last_used``, 0 while a request is
+  in flight; null unless READY).
+* ``idle_ttl``: a READY model with a backend process, no request in flight and no use for
+  ``idle_ttl`` seconds is unloaded by a background task of the manager (checking every
+  ``min(idle_ttl / 4, 5)`` s).
+* ``max_loaded``: the number of models with a backend process (READY or LOADING) this worker
+  runs at once. A load that would exceed it first unloads the least recently used READY model
+  with no request in flight (the new backend starts once the old one has stopped); when every
+  loaded model is serving requests the load is refused with 503 (and ``Retry-After``). Models
+  without a backend process (a worker without ``backend_cmd``) hold no memory: neither limit
+  applies to them.
+* A model unloaded for either reason keeps its record (UNAVAILABLE, with the reason): its files
+  stay staged and protected from gc, and a load request brings it back. A model with requests
+  in flight is never unloaded by these rules (an explicit unload still stops it at once). A load
+  of a model whose backend is being stopped by these rules waits for the stop, then loads.
 """
 
 from __future__ import annotations
@@ -74,10 +98,11 @@ DEFAULT_GC_MIN_AGE = 3600.0
 class ModelError(Exception):
     """A refusal with the HTTP status the repository API answers with and a sentence."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after = retry_after  # seconds; the route sends it as Retry-After
 
     def __str__(self) -> str:
         return self.message
@@ -174,13 +199,27 @@ class Model:
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
     waiters: int = 0
     recorded: float = 0.0
+    in_flight: int = 0  # /v1 requests being proxied to the backend right now
+    last_used: float = 0.0  # time.monotonic() of the last request start/end or load completion
+    eviction: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def idle_seconds(self, now: float | None = None) -> float | None:
+        """Seconds since the model was last used; 0 while serving; None unless READY."""
+        if self.state != READY:
+            return None
+        if self.in_flight > 0:
+            return 0.0
+        return max(0.0, (time.monotonic() if now is None else now) - self.last_used)
 
     def public(self) -> dict[str, Any]:
+        idle = self.idle_seconds()
         out: dict[str, Any] = {
             "name": self.name,
             "state": self.state,
             "reason": self.reason,
             "files": [f.sha256 for f in self.spec.files],
+            "in_flight": self.in_flight,
+            "idle_seconds": None if idle is None else round(idle, 3),
         }
         if self.backend is not None and self.state == READY:
             out["backend_url"] = self.backend.url
@@ -211,12 +250,35 @@ def _check_name(name: str) -> str:
         raise ModelError(400, str(exc)) from exc
 
 
+class RequestLease:
+    """One /v1 request in flight on a model; :meth:`release` it exactly once (more is a no-op)."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self._released = False
+        model.in_flight += 1
+        model.last_used = time.monotonic()
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self.model.in_flight -= 1
+        self.model.last_used = time.monotonic()
+
+
 class ModelManager:
     """Recorded models, their states and backend processes, over one opened store.
 
     ``backend_cmd`` is the command template (see :mod:`.backend`); None means no backend.
-    Call :meth:`open` once (it reads ``models.json``) and :meth:`aclose` at shutdown (it stops
-    every backend). All methods run on the worker's event loop.
+    ``idle_ttl`` (seconds) unloads backends nobody used for that long; ``max_loaded`` caps the
+    number of backend processes, unloading the least recently used idle one to make room (see
+    the module docstring). Call :meth:`open` once (it reads ``models.json``) and :meth:`aclose`
+    at shutdown (it stops every backend). All methods run on the worker's event loop.
     """
 
     def __init__(
@@ -228,7 +290,13 @@ class ModelManager:
         timeout_per_gib: float = DEFAULT_LOAD_TIMEOUT_PER_GIB,
         timeout_cap: float = DEFAULT_LOAD_TIMEOUT_CAP,
         stop_grace: float = 5.0,
+        idle_ttl: float | None = None,
+        max_loaded: int | None = None,
     ) -> None:
+        if idle_ttl is not None and not idle_ttl > 0:
+            raise ValueError(f"idle_ttl must be a positive number of seconds, not {idle_ttl!r}")
+        if max_loaded is not None and max_loaded < 1:
+            raise ValueError(f"max_loaded must be 1 or more, not {max_loaded!r}")
         self.store = store
         self.backend_cmd = backend_cmd
         if backend_cmd is not None:
@@ -237,11 +305,16 @@ class ModelManager:
         self.timeout_per_gib = timeout_per_gib
         self.timeout_cap = timeout_cap
         self.stop_grace = stop_grace
+        self.idle_ttl = idle_ttl
+        self.max_loaded = max_loaded
+        self._reaper: asyncio.Task[None] | None = None
+        self._evictions: set[asyncio.Task[None]] = set()
         self._models: dict[str, Model] = {}
         self._closed = False
         self._opened = False
         self._http: httpx.AsyncClient | None = None
         self.loads_started = 0  # loads that did work (not no-ops or joins): /status shows it
+        self.evictions = 0  # backends stopped by idle_ttl or max_loaded: /status shows it
 
     def http_client(self) -> httpx.AsyncClient:
         """The client the /v1 proxy talks to backends with (no read timeout: generation is slow)."""
@@ -321,7 +394,13 @@ class ModelManager:
 
     def status(self) -> dict[str, Any]:
         """What the worker's ``GET /status`` adds about models."""
-        return {"models": self.index(), "loads_started": self.loads_started}
+        return {
+            "models": self.index(),
+            "loads_started": self.loads_started,
+            "evictions": self.evictions,
+            "idle_ttl": self.idle_ttl,
+            "max_loaded": self.max_loaded,
+        }
 
     def index(self) -> list[dict[str, Any]]:
         """The repository index: every recorded model, sorted by name."""
@@ -334,6 +413,14 @@ class ModelManager:
 
     def referenced_blobs(self) -> set[str]:
         return {f.sha256 for m in self._models.values() for f in m.spec.files}
+
+    def begin_request(self, model: Model) -> RequestLease:
+        """Count a request in flight on ``model`` (the /v1 proxy); release the lease when done.
+
+        Call it in the same step as the READY check (no await in between): a model with a
+        request in flight is never unloaded for idleness or to make room.
+        """
+        return RequestLease(model)
 
     # -- load --------------------------------------------------------------------------------
 
@@ -371,6 +458,12 @@ class ModelManager:
         _check_name(name)
         size = self._verify(name, spec)
         model = self._models.get(name)
+        while model is not None and model.eviction is not None and not model.eviction.done():
+            # Its backend is being stopped for idleness or to make room: load it afterwards.
+            await asyncio.shield(model.eviction)
+            if self._closed:
+                raise ModelError(503, "the worker is shutting down")
+            model = self._models.get(name)
         if model is not None and model.task is not None and not model.task.done():
             if model.spec != spec:
                 raise ModelError(
@@ -382,9 +475,11 @@ class ModelManager:
         if model is not None and model.state == UNLOADING:
             raise ModelError(409, f"model {name} is being unloaded: load it again afterwards")
         if model is not None and model.state == READY and model.spec == spec:
+            model.last_used = time.monotonic()  # someone still wants it
             return model  # same files, same parameters: nothing to do
         # From here to create_task there is no await: the record, the state and the task
         # appear together, so a concurrent load joins and gc sees the blobs as referenced.
+        making_room = self._make_room(name)
         if model is None:
             model = Model(name, spec)
             self._models[name] = model
@@ -397,7 +492,10 @@ class ModelManager:
         old_backend, model.backend = model.backend, None
         self._stop_watching(model)
         self.loads_started += 1
-        model.task = asyncio.create_task(self._run_load(model, spec, size, old_backend))
+        self._ensure_reaper()
+        model.task = asyncio.create_task(
+            self._run_load(model, spec, size, old_backend, making_room)
+        )
         return await self._join(model, model.task)
 
     async def _join(self, model: Model, task: asyncio.Task[None]) -> Model:
@@ -421,14 +519,23 @@ class ModelManager:
         return model
 
     async def _run_load(
-        self, model: Model, spec: ModelSpec, size: int, old: backends.Backend | None
+        self,
+        model: Model,
+        spec: ModelSpec,
+        size: int,
+        old: backends.Backend | None,
+        making_room: list[asyncio.Task[None]] | None = None,
     ) -> None:
         backend: backends.Backend | None = None
         try:
             if old is not None:
                 await old.stop()
+            if making_room:
+                # The backends evicted for this load stop first: never more than max_loaded.
+                await asyncio.gather(*(asyncio.shield(t) for t in making_room))
             if self.backend_cmd is None:
                 model.state = READY
+                model.last_used = time.monotonic()
                 return
             port = backends.free_loopback_port()
             values = {
@@ -451,6 +558,7 @@ class ModelManager:
             timeout = load_timeout(size, self.timeout_base, self.timeout_per_gib, self.timeout_cap)
             await backend.start(timeout)  # stops the process itself on any failure
             model.state = READY
+            model.last_used = time.monotonic()
             model.watcher = asyncio.create_task(self._watch(model, backend))
         except LoadError as exc:
             model.state = UNAVAILABLE
@@ -507,6 +615,122 @@ class ModelManager:
             model.watcher.cancel()
             model.watcher = None
 
+    # -- idle ttl and max_loaded ---------------------------------------------------------------
+
+    def _occupies_a_slot(self, model: Model) -> bool:
+        """Whether ``model`` counts against max_loaded: a backend process, READY or LOADING."""
+        return self.backend_cmd is not None and model.state in (READY, LOADING)
+
+    def _evictable(self, model: Model) -> bool:
+        return (
+            model.state == READY
+            and model.backend is not None
+            and model.in_flight == 0
+            and (model.task is None or model.task.done())
+            and (model.eviction is None or model.eviction.done())
+        )
+
+    def _make_room(self, name: str) -> list[asyncio.Task[None]]:
+        """Before a load of ``name`` starts a backend: evict LRU idle models beyond max_loaded.
+
+        Synchronous (no await): the victims are UNLOADING, and so no longer counted or
+        served, before the caller marks its own model LOADING. Returns the eviction tasks the
+        load waits for before it starts its backend. Raises ModelError(503) when the slots are
+        all held by models serving requests (or loading).
+        """
+        if self.max_loaded is None or self.backend_cmd is None:
+            return []
+        others = [m for m in self._models.values() if m.name != name]
+        occupied = [m for m in others if self._occupies_a_slot(m)]
+        excess = len(occupied) + 1 - self.max_loaded
+        if excess <= 0:
+            return []
+        candidates = sorted((m for m in occupied if self._evictable(m)), key=lambda m: m.last_used)
+        if len(candidates) < excess:
+            busy = len(occupied) - len(candidates)
+            detail = (
+                f"all {len(occupied)} loaded models are serving requests"
+                if all(m.state == READY for m in occupied)
+                else f"{busy} of the {len(occupied)} loaded models are serving requests or loading"
+            )
+            raise ModelError(
+                503,
+                f"cannot load model {name}: this worker runs at most {self.max_loaded} "
+                f"model{'s' if self.max_loaded != 1 else ''} at once (--max-loaded) and "
+                f"{detail}; retry shortly or raise --max-loaded",
+                retry_after=5,
+            )
+        reason = (
+            f"unloaded to make room for model {name} (--max-loaded {self.max_loaded}: it was "
+            "the least recently used); its files stay staged: load it again"
+        )
+        return [self._begin_eviction(m, reason) for m in candidates[:excess]]
+
+    def _begin_eviction(self, model: Model, reason: str) -> asyncio.Task[None]:
+        """Mark ``model`` UNLOADING now and stop its backend in a task; the record is kept."""
+        log.info("unloading model %s: %s", model.name, reason)
+        model.state = UNLOADING
+        model.reason = reason
+        self._stop_watching(model)
+        self.evictions += 1
+        task = asyncio.create_task(self._finish_eviction(model, model.backend, reason))
+        model.eviction = task
+        self._evictions.add(task)
+        task.add_done_callback(self._evictions.discard)
+        return task
+
+    async def _finish_eviction(
+        self, model: Model, backend: backends.Backend | None, reason: str
+    ) -> None:
+        try:
+            if backend is not None:
+                await backend.stop()
+        finally:
+            if backend is not None:
+                backend.kill_now()  # also if the stop was interrupted
+            if model.backend is backend:
+                model.backend = None
+            if model.state == UNLOADING and model.eviction is asyncio.current_task():
+                model.state = UNAVAILABLE
+                model.reason = reason
+            if self._models.get(model.name) is model:
+                with contextlib.suppress(OSError):
+                    self._save()
+
+    def _ensure_reaper(self) -> None:
+        """Start the idle-ttl task (once, on the first load that does work)."""
+        if self.idle_ttl is None or self._closed:
+            return
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.create_task(self._reap_idle(self.idle_ttl))
+
+    def check_idle(self, now: float | None = None) -> list[str]:
+        """Unload every model idle for longer than idle_ttl; the names of those unloaded."""
+        ttl = self.idle_ttl
+        if ttl is None or self._closed:
+            return []
+        now = time.monotonic() if now is None else now
+        unloaded = []
+        for model in list(self._models.values()):
+            idle = model.idle_seconds(now)
+            if idle is not None and idle >= ttl and self._evictable(model):
+                self._begin_eviction(
+                    model,
+                    f"unloaded after {idle:.0f} s without requests (--idle-ttl {ttl:g}); its "
+                    "files stay staged: load it again",
+                )
+                unloaded.append(model.name)
+        return unloaded
+
+    async def _reap_idle(self, ttl: float) -> None:
+        interval = max(0.05, min(ttl / 4, 5.0))
+        while not self._closed:
+            await asyncio.sleep(interval)
+            try:
+                self.check_idle()
+            except Exception:  # never let one bad pass end idle unloading for good
+                log.exception("idle check failed")
+
     # -- unload ------------------------------------------------------------------------------
 
     async def unload(self, name: str) -> None:
@@ -515,6 +739,9 @@ class ModelManager:
         if not self._opened:
             self.open()
         model = self._models.get(name)
+        while model is not None and model.eviction is not None and not model.eviction.done():
+            await asyncio.shield(model.eviction)  # already stopping: then forget its record
+            model = self._models.get(name)
         if model is None or model.state == UNLOADING:
             raise ModelError(404, f"model {name} is not loaded on this worker")
         model.state = UNLOADING
@@ -579,12 +806,19 @@ class ModelManager:
     async def aclose(self) -> None:
         """Stop every load in flight and every backend (the worker's lifespan hook)."""
         self._closed = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
         tasks = [m.task for m in self._models.values() if m.task is not None and not m.task.done()]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, LoadError):
                 await task
+        # Backends being evicted are stopping already (bounded by stop_grace): let them finish.
+        await asyncio.gather(*list(self._evictions), return_exceptions=True)
         running = []
         for model in self._models.values():
             self._stop_watching(model)

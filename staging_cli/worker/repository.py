@@ -27,7 +27,9 @@ Answers: 200 with the model's index entry when READY (also when it already was: 
 with the same files and backend parameters is a no-op); 400 bad name or body; 404 a named blob is
 not in the store; 409 a blob is still being uploaded, or a conflicting load/unload is in flight;
 500 the backend failed to start (the reason has its exit code and last output lines); 504 it did
-not become healthy within the load timeout. Errors are ``{"error": "<sentence>"}`` as Triton's.
+not become healthy within the load timeout; 503 + Retry-After when the worker runs
+``--max-loaded`` models already and every one of them is serving requests (an idle one would have
+been unloaded to make room). Errors are ``{"error": "<sentence>"}`` as Triton's.
 A client that disconnects while waiting leaves the load; when no caller is left the load is
 abandoned and its backend process stopped.
 
@@ -35,8 +37,15 @@ The gc body is ``{"dry_run": true|false, "min_age": seconds}`` (both optional; d
 to true, min_age to 3600 so that a blob staged a moment ago, whose load is still on its way, is
 kept); the answer lists ``removed`` blobs (or those that would be) and ``bytes_freed``.
 
+The index entries carry ``in_flight`` (requests being proxied to the model's backend) and
+``idle_seconds`` (since its last request ended, or since it loaded; 0 while a request is in
+flight; null unless READY),
+so that a router can prefer a worker where the model is warm and not busy.
+
 The proxy streams the backend's answer through unchanged (SSE included), dropping hop-by-hop
-headers and the worker's Authorization header. Its errors are OpenAI-shaped
+headers and the worker's Authorization header. Each request counts as in flight on its model
+from before it is forwarded until the streamed answer has ended, failed or the client has gone
+away; a model with requests in flight is never unloaded for idleness or to make room. Its errors are OpenAI-shaped
 (``{"error": {"message", "type", "code"}}``): 400 bad JSON or no "model"; 404 model not loaded;
 503 + Retry-After while it loads; 501 the worker has no backend; 502 the backend died or cannot
 be reached.
@@ -55,9 +64,18 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from ..errors import LoadError, LoadTimeout
-from .models import LOADING, READY, UNLOADING, ModelError, ModelManager, ModelSpec
+from .models import (
+    LOADING,
+    READY,
+    UNLOADING,
+    ModelError,
+    ModelManager,
+    ModelSpec,
+    RequestLease,
+)
 
 log = logging.getLogger("staging_cli.worker.repository")
 
@@ -81,6 +99,48 @@ HOP_BY_HOP = frozenset(
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+def _model_error(exc: ModelError) -> JSONResponse:
+    response = _error(exc.status, exc.message)
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    return response
+
+
+class _ProxiedStream(StreamingResponse):
+    """A streamed backend answer that releases its in-flight lease however the stream ends.
+
+    Normal end, a backend error, the client going away (the send raising, or Starlette
+    cancelling the stream on ``http.disconnect``): ``__call__``'s ``finally`` closes the body
+    iterator (whose own ``finally`` closes the upstream response) and releases the lease.
+    """
+
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        upstream: httpx.Response,
+        lease: RequestLease,
+    ) -> None:
+        super().__init__(content, status_code=upstream.status_code)
+        self._body = content
+        self.upstream = upstream
+        self.lease = lease
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                aclose = getattr(self._body, "aclose", None)
+                if aclose is not None:
+                    with contextlib.suppress(Exception):
+                        await aclose()
+                # Also when the body never started (its own finally never ran).
+                with contextlib.suppress(Exception):
+                    await self.upstream.aclose()
+            finally:
+                self.lease.release()
 
 
 def _openai_error(status: int, message: str, kind: str, code: str) -> JSONResponse:
@@ -147,7 +207,7 @@ def repository_routes(manager: ModelManager) -> list[Route]:
         try:
             model = loading.result()
         except ModelError as exc:
-            return _error(exc.status, exc.message)
+            return _model_error(exc)
         except LoadTimeout as exc:
             return _error(504, exc.message)
         except LoadError as exc:
@@ -204,7 +264,15 @@ def repository_routes(manager: ModelManager) -> list[Route]:
                 "model_required",
             )
         model = manager.get(name)
-        if model is None or model.state == UNLOADING:
+        if model is not None and model.state == UNLOADING:
+            return _openai_error(
+                404,
+                f"model {name} is being unloaded ({model.reason}); load it again "
+                "(POST /v2/repository/models/{name}/load)",
+                "invalid_request_error",
+                "model_not_loaded",
+            )
+        if model is None:
             return _openai_error(
                 404,
                 f"model {name} is not loaded on this worker: load it "
@@ -241,25 +309,32 @@ def repository_routes(manager: ModelManager) -> list[Route]:
                 "server_error",
                 "no_backend",
             )
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
-        client = manager.http_client()
-        outgoing = client.build_request(
-            request.method,
-            backend.url + request.url.path,
-            params=request.url.query or None,
-            headers=headers,
-            content=raw,
-        )
+        # In flight from here (no await since the READY check): never unloaded meanwhile.
+        lease = manager.begin_request(model)
         try:
-            upstream = await client.send(outgoing, stream=True)
-        except httpx.HTTPError as exc:
-            return _openai_error(
-                502,
-                f"the backend of model {name} cannot be reached "
-                f"({type(exc).__name__}): it may have died",
-                "server_error",
-                "backend_unreachable",
+            headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
+            client = manager.http_client()
+            outgoing = client.build_request(
+                request.method,
+                backend.url + request.url.path,
+                params=request.url.query or None,
+                headers=headers,
+                content=raw,
             )
+            try:
+                upstream = await client.send(outgoing, stream=True)
+            except httpx.HTTPError as exc:
+                lease.release()
+                return _openai_error(
+                    502,
+                    f"the backend of model {name} cannot be reached "
+                    f"({type(exc).__name__}): it may have died",
+                    "server_error",
+                    "backend_unreachable",
+                )
+        except BaseException:  # cancelled (the client left) or a bug: not in flight any more
+            lease.release()
+            raise
 
         async def relay() -> AsyncIterator[bytes]:
             try:
@@ -268,9 +343,12 @@ def repository_routes(manager: ModelManager) -> list[Route]:
             except httpx.HTTPError as exc:
                 log.warning("proxy to %s: backend stream broke: %r", name, exc)
             finally:
-                await upstream.aclose()
+                try:
+                    await upstream.aclose()
+                finally:
+                    lease.release()
 
-        streamed = StreamingResponse(relay(), status_code=upstream.status_code)
+        streamed = _ProxiedStream(relay(), upstream, lease)
         streamed.raw_headers = [
             (k.encode("latin-1"), v.encode("latin-1"))
             for k, v in upstream.headers.multi_items()
