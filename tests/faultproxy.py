@@ -17,10 +17,12 @@ class Faults:
     cut_min: int = 256 * 1024  # cut after this many client->server bytes at least
     cut_max: int = 8 * 1024 * 1024
     corrupt_at: int | None = None  # flip the byte at this client->server offset, once
+    idle_timeout: float | None = None  # like a load balancer: cut a connection silent this long
     seed: int = 1
     done_cuts: int = 0
     corrupted: int = 0
     connections: int = 0
+    idle_cuts: int = 0
     rng: random.Random = field(init=False)
 
     def __post_init__(self) -> None:
@@ -36,6 +38,7 @@ class FaultProxy:
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.base_events.Server | None = None
         self._ready = threading.Event()
+        self._activity: dict[int, float] = {}
 
     async def _pipe(
         self,
@@ -43,6 +46,7 @@ class FaultProxy:
         writer: asyncio.StreamWriter,
         budget: int | None,
         corrupt: bool,
+        conn: int = 0,
     ) -> None:
         sent = 0
         try:
@@ -68,6 +72,7 @@ class FaultProxy:
                 writer.write(data)
                 await writer.drain()
                 sent += len(data)
+                self._activity[conn] = asyncio.get_running_loop().time()
         except (ConnectionError, OSError):
             pass
         finally:
@@ -85,13 +90,25 @@ class FaultProxy:
         budget = None
         if f.done_cuts < f.cuts:
             budget = f.rng.randint(f.cut_min, f.cut_max)
-        up = asyncio.ensure_future(self._pipe(client_r, server_w, budget, True))
-        down = asyncio.ensure_future(self._pipe(server_r, client_w, None, False))
-        await asyncio.wait([up, down], return_when=asyncio.FIRST_COMPLETED)
+        self._activity[id(client_w)] = asyncio.get_running_loop().time()
+        up = asyncio.ensure_future(self._pipe(client_r, server_w, budget, True, id(client_w)))
+        down = asyncio.ensure_future(self._pipe(server_r, client_w, None, False, id(client_w)))
+        waiters = [up, down]
+        if f.idle_timeout is not None:
+            waiters.append(asyncio.ensure_future(self._idle_watch(id(client_w), f.idle_timeout)))
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for t in waiters[2:]:
+            t.cancel()
         for t in (up, down):
             t.cancel()
         server_w.transport.abort()
         client_w.transport.abort()
+
+    async def _idle_watch(self, conn: int, idle: float) -> None:
+        loop = asyncio.get_running_loop()
+        while loop.time() - self._activity.get(conn, loop.time()) < idle:
+            await asyncio.sleep(0.05)
+        self.faults.idle_cuts += 1
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)

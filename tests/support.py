@@ -141,3 +141,40 @@ def make_file(path: Path, size: int, seed: int = 0) -> Path:
             remaining -= n
             i += 1
     return path
+
+
+@contextlib.contextmanager
+def serve_process(
+    models_dir: Path, *args: str, env: dict[str, str], port: int = 0
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """``staging-cli serve`` as a real subprocess; yields (process, url). Always killed."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "staging_cli",
+        "serve",
+        "--models-dir",
+        str(models_dir),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *args,
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("listening on "):
+            proc.kill()
+            raise RuntimeError(
+                f"serve did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}"
+            )
+        yield proc, line.split()[-1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
