@@ -106,8 +106,11 @@ class FaultProxy:
 
     async def _idle_watch(self, conn: int, idle: float) -> None:
         loop = asyncio.get_running_loop()
-        while loop.time() - self._activity.get(conn, loop.time()) < idle:
-            await asyncio.sleep(0.05)
+        while True:  # polling: the pipes only stamp a time, they signal nobody
+            silent = loop.time() - self._activity.get(conn, loop.time())
+            if silent >= idle:
+                break
+            await asyncio.sleep(min(0.05, idle - silent))
         self.faults.idle_cuts += 1
 
     def _run(self) -> None:

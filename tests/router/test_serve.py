@@ -154,7 +154,9 @@ def test_load_wait_answers_503_with_progress_then_serves(
         metrics = httpx.get(url + "/metrics").text
         assert 'staging_router_cold_loads_total{outcome="owner"} 1.0' in metrics
         staged = next(
-            l for l in metrics.splitlines() if l.startswith("staging_router_bytes_staged_total ")
+            line
+            for line in metrics.splitlines()
+            if line.startswith("staging_router_bytes_staged_total ")
         )
         assert float(staged.split()[1]) == size
 
@@ -205,10 +207,11 @@ def test_streaming_is_not_held_back(demo_worker: RunningWorker, tmp_path: Path) 
 
         direct, _, _ = events(demo_worker.url)
         routed, first, total = events(url)
-        strip = [json.loads(l[5:]).get("choices") if l != "data: [DONE]" else l for l in routed]
-        assert strip == [
-            json.loads(l[5:]).get("choices") if l != "data: [DONE]" else l for l in direct
-        ]
+
+        def choices(lines: list[str]) -> list[object]:
+            return [json.loads(x[5:])["choices"] if x != "data: [DONE]" else x for x in lines]
+
+        assert choices(routed) == choices(direct)
         assert routed[-1] == "data: [DONE]"
         # the first event arrives long before the backend finishes the stream
         assert first < total / 2, (first, total)
