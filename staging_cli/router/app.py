@@ -109,6 +109,18 @@ class Router:
         if worker is not None:
             return worker
         entry = self.catalog.get(model)
+        deadline = time.monotonic() + self.catalog.stable_seconds + 1.0
+        while entry is None and self.catalog.pending(model) and time.monotonic() < deadline:
+            await asyncio.sleep(0.25)  # its file is still being written: give it a moment
+            entry = self.catalog.get(model)
+        if entry is None and self.catalog.pending(model):
+            response = openai_error(
+                503,
+                f"the file of model {model} is still being written; retry when it is complete",
+                "model_file_incomplete",
+            )
+            response.headers["Retry-After"] = str(math.ceil(self.catalog.stable_seconds))
+            return response
         if entry is None:
             return openai_error(
                 404,

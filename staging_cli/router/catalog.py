@@ -197,6 +197,7 @@ class Catalog:
         self._last_scan = -float("inf")
         self._entries: dict[str, CatalogEntry] = {}
         self._problems: list[CatalogProblem] = []
+        self._pending: set[str] = set()
         self._reported: set[tuple[Path, str]] = set()
         # path -> (version, monotonic time it was first seen with that version)
         self._seen: dict[Path, tuple[FileVersion, float]] = {}
@@ -218,6 +219,12 @@ class Catalog:
                 self._refresh_locked(MISS_RESCAN_INTERVAL)
                 entry = self._entries.get(name)
             return entry
+
+    def pending(self, name: str) -> bool:
+        """True when a file that would be model ``name`` exists but is still being written
+        (not yet stable): a caller may wait a moment instead of calling the model unknown."""
+        with self._lock:
+            return name in self._pending
 
     def problems(self) -> list[CatalogProblem]:
         """What could not be listed at the last scan, and why."""
@@ -245,6 +252,7 @@ class Catalog:
         self._last_scan = scan.now
         self._entries = scan.entries
         self._problems = scan.problems
+        self._pending = scan.pending
         self._seen = {p: v for p, v in self._seen.items() if p in scan.observed}
         self._manifests = {p: m for p, m in self._manifests.items() if p in scan.observed}
         current = {(p.path, p.message) for p in scan.problems}
@@ -275,6 +283,7 @@ class _Scan:
         self.observed: set[Path] = set()
         self.problems: list[CatalogProblem] = []
         self.entries: dict[str, CatalogEntry] = {}
+        self.pending: set[str] = set()
         self._files: dict[str, list[CatalogEntry]] = {}
         self._folders: dict[str, list[CatalogEntry]] = {}
 
@@ -309,6 +318,7 @@ class _Scan:
 
     def _file(self, path: Path, st: os.stat_result) -> None:
         if not self.stable(path, st):
+            self.pending.add(model_name_for_file(path.name))
             return
         name = model_name_for_file(path.name)
         try:

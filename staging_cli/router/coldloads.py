@@ -33,6 +33,7 @@ from ..coldload import (
     Loading,
     Placed,
 )
+from ..config import format_size
 from ..coordinator import Coordinator
 from ..errors import StagingError, UsageError
 from ..stager.events import Event, Hashing, UploadProgress
@@ -135,19 +136,38 @@ class ColdLoads:
 
     async def _run(self, entry: CatalogEntry) -> ColdLoadResult:
         status = self.status[entry.name]
+        logged = 0.0
 
         def track(event: Event) -> None:
+            nonlocal logged
             if isinstance(event, Hashing):
                 status.phase = "hashing"
             elif isinstance(event, UploadProgress):
                 status.phase = "staging"
                 status.bytes_done = event.bytes_done
                 status.eta_seconds = event.eta_seconds
+                now = time.monotonic()
+                if now - logged >= 2.0 or event.bytes_done == event.bytes_total:
+                    logged = now
+                    eta = f", ETA {event.eta_seconds:.0f}s" if event.eta_seconds is not None else ""
+                    log.info(
+                        "cold load of %s: staged %s of %s to %s (%s/s%s)",
+                        entry.name,
+                        format_size(event.bytes_done),
+                        format_size(event.bytes_total),
+                        status.worker,
+                        format_size(event.rate),
+                        eta,
+                    )
             elif isinstance(event, Placed):
                 status.worker, status.reason = event.worker, event.reason
+                log.info(
+                    "cold load of %s: placed on %s: %s", entry.name, event.worker, event.reason
+                )
             elif isinstance(event, Loading):
                 status.phase, status.worker = "loading", event.worker
                 status.bytes_done = status.bytes_total
+                log.info("cold load of %s: loading on %s", entry.name, event.worker)
             elif isinstance(event, Loaded):
                 status.phase = "loaded"
             elif isinstance(event, JobWaiting):

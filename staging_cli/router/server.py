@@ -87,6 +87,7 @@ def run_serve(
     if config.load_wait < 0 or math.isnan(config.load_wait):
         raise UsageError("--load-wait must be 0 or more seconds, or inf")
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
     models_dir = config.models_dir or where.data_dir / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:

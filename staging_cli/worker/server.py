@@ -152,6 +152,7 @@ def open_worker(config: WorkerConfig) -> tuple[ASGIApp, Store]:
 def run_worker(config: WorkerConfig, on_listening: Callable[[str], None] | None = None) -> None:
     """Serve the worker until interrupted."""
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
     app, store = open_worker(config)
     try:
         sock = bind(config.host, config.port)
