@@ -104,23 +104,32 @@ class DigestCache:
 async def hash_file(
     path: Path, progress: Callable[[int, int], None] | None = None, block: int = HASH_BLOCK
 ) -> str:
-    """sha256 of a file, read and hashed in a thread (hashlib releases the GIL), with the
-    next block read while the current one is hashed."""
+    """sha256 of a file, read and hashed in threads (hashlib releases the GIL), the next block
+    read while the current one is hashed.
+
+    Two preallocated buffers are reused for the whole file: allocating a fresh block per read
+    from worker threads makes glibc spread them over per-thread arenas, and the process grew
+    to ~220 MiB hashing a 4 GiB file; with reuse it stays flat.
+    """
     loop = asyncio.get_running_loop()
     hasher = hashlib.sha256()
     size = os.stat(path).st_size
+    buffers = (bytearray(block), bytearray(block))
+    views = tuple(memoryview(b) for b in buffers)
     done = 0
     fd = os.open(path, os.O_RDONLY)
     try:
-        pending = loop.run_in_executor(None, os.pread, fd, block, 0)
+        which = 0
+        pending = loop.run_in_executor(None, os.preadv, fd, [views[which]], 0)
         while True:
-            data = await pending
-            if not data:
+            n = await pending
+            if n == 0:
                 break
-            offset = done + len(data)
-            pending = loop.run_in_executor(None, os.pread, fd, block, offset)
-            await loop.run_in_executor(None, hasher.update, data)
-            done = offset
+            current = views[which][:n]
+            which ^= 1
+            pending = loop.run_in_executor(None, os.preadv, fd, [views[which]], done + n)
+            await loop.run_in_executor(None, hasher.update, current)
+            done += n
             if progress is not None:
                 progress(done, size)
     finally:

@@ -99,7 +99,7 @@ class StageOptions:
 @dataclass
 class _Chunk:
     offset: int
-    data: bytes
+    data: memoryview  # a view of one of the reader's two buffers
     checksum: str | None
 
 
@@ -501,7 +501,6 @@ class _FileRun:
                             f"checksum on the worker {chunk_failures} times: the network or "
                             "the worker's memory corrupts data"
                         )
-                    reader.forget()
                     self.emit(
                         Retrying(
                             self.name,
@@ -521,7 +520,7 @@ class _FileRun:
                 else:
                     raise _refusal(response, self.s.worker)
         finally:
-            reader.close()
+            await reader.aclose()
             os.close(fd)
 
     async def _patch(self, chunk: _Chunk) -> httpx.Response:
@@ -536,7 +535,7 @@ class _FileRun:
             headers["Upload-Checksum"] = chunk.checksum
         return await self._call("PATCH", self.url, headers=headers, content=self._body(chunk.data))
 
-    async def _body(self, data: bytes) -> AsyncIterator[bytes]:
+    async def _body(self, data: memoryview) -> AsyncIterator[bytes]:
         view = memoryview(data)
         for start in range(0, len(view), SEND_SLICE):
             piece = view[start : start + SEND_SLICE]
@@ -592,55 +591,60 @@ class _FileRun:
 class _Reader:
     """Reads and checksums chunks in a thread, one chunk ahead of the one on the wire.
 
-    Memory: at most two chunks (the one being sent, the one prefetched), whatever the file size.
+    Memory: two preallocated chunk buffers, reused for the whole file (the chunk on the wire and
+    the one read ahead), whatever the file size. A buffer is refilled only once the request that
+    sent it has been answered: ``get`` is called between requests, never during one.
     """
 
     def __init__(self, fd: int, size: int, chunk_size: int, algorithm: str | None) -> None:
         self.fd = fd
         self.size = size
-        self.chunk_size = chunk_size
+        self.chunk_size = min(chunk_size, max(size, 1))
         self.algorithm = algorithm
-        self._ahead: tuple[int, asyncio.Future[_Chunk]] | None = None
+        self._buffers = (bytearray(self.chunk_size), bytearray(self.chunk_size))
+        self._current = 0  # index of the buffer holding the chunk being sent
+        self._ahead: tuple[int, int, asyncio.Future[_Chunk]] | None = None
 
-    def _read(self, offset: int) -> _Chunk:
+    def _read(self, offset: int, index: int) -> _Chunk:
         import hashlib
 
         n = min(self.chunk_size, self.size - offset)
-        data = os.pread(self.fd, n, offset) if n > 0 else b""
-        if len(data) != n:
+        view = memoryview(self._buffers[index])[: max(n, 0)]
+        got = os.preadv(self.fd, [view], offset) if n > 0 else 0
+        if got != n:
             raise FileChanged(
                 f"short read at offset {offset}: the file shrank while it was being staged"
             )
         checksum = None
         if self.algorithm is not None:
-            checksum = tus.encode_checksum(
-                self.algorithm, hashlib.new(self.algorithm, data).digest()
-            )
-        return _Chunk(offset, data, checksum)
+            digest = hashlib.new(self.algorithm, view).digest()
+            checksum = tus.encode_checksum(self.algorithm, digest)
+        return _Chunk(offset, view, checksum)
 
     async def get(self, offset: int) -> _Chunk:
         ahead, self._ahead = self._ahead, None
+        loop = asyncio.get_running_loop()
         if ahead is not None:
-            ahead_offset, future = ahead
+            ahead_offset, index, future = ahead
             if ahead_offset == offset:
+                self._current = index
                 return await future
             with contextlib.suppress(Exception):
-                await future
-        return await asyncio.get_running_loop().run_in_executor(None, self._read, offset)
+                await future  # never refill a buffer a thread is still writing
+        return await loop.run_in_executor(None, self._read, offset, self._current)
 
     def prefetch(self, offset: int) -> None:
         if offset < self.size and self._ahead is None:
-            future = asyncio.get_running_loop().run_in_executor(None, self._read, offset)
-            self._ahead = (offset, future)
+            index = 1 - self._current
+            future = asyncio.get_running_loop().run_in_executor(None, self._read, offset, index)
+            self._ahead = (offset, index, future)
 
-    def forget(self) -> None:
-        """Drop the prefetched chunk (a resend re-reads from disk, in case memory was bad)."""
-        if self._ahead is not None:
-            self._ahead[1].cancel()
-            self._ahead = None
-
-    def close(self) -> None:
-        self.forget()
+    async def aclose(self) -> None:
+        """Wait for a read-ahead still in its thread (before the caller closes the fd)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            with contextlib.suppress(BaseException):
+                await ahead[2]
 
 
 __all__ = ["BudgetExpired", "StageOptions", "Stager", "StallTimeout", "WorkerUnreachable"]
