@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -239,3 +242,35 @@ def test_worker_gone_while_forwarding_is_a_502(tmp_path: Path) -> None:
     finally:
         if worker_cm is not None:
             worker_cm.__exit__(None, None, None)
+
+
+def test_shutdown_leaves_the_cold_load_resumable(
+    demo_worker: RunningWorker, tmp_path: Path
+) -> None:
+    size = 48 * MiB
+    models = models_dir(tmp_path, size)
+    env = cli_env(tmp_path / "router")  # the same machine both times: the SQLite coordinator
+    args = router_args(demo_worker, "--limit-rate", "8MiB", "--load-wait", "0")
+    with serve_process(models, *args, env=env) as (proc, url):
+        assert httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=30).status_code == 503
+        wait_until(lambda: staging_started(demo_worker), 30, "staging")
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises it after draining
+        jobs = subprocess.run(
+            [sys.executable, "-m", "staging_cli", "jobs", "--json"],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        (job,) = json.loads(jobs.stdout)
+        assert job["status"] == "released" and job["phase"] == "staging"
+    upload = demo_worker.store.uploads()[0]
+    kept = upload.record.offset
+    assert 0 < kept < size  # the worker keeps the partial upload
+    before = demo_worker.store.received_bytes
+    # the next start adopts the released job by itself and resumes from the worker's offset
+    with serve_process(models, *args, env=env) as (_, url):
+        wait_until(lambda: loaded(demo_worker), 90, "the next start to finish the load")
+        assert httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=30).status_code == 200
+    assert demo_worker.store.received_bytes - before <= size - kept + CHUNK
