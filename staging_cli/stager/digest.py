@@ -9,13 +9,13 @@ file in the user cache dir, safe for several processes at once; losing it only c
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from .localdb import LocalDB
 
 HASH_BLOCK = 8 * 1024 * 1024
 
@@ -36,69 +36,38 @@ class FileVersion:
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-class DigestCache:
+class DigestCache(LocalDB):
     """sha256 by FileVersion, in SQLite."""
 
     def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self._db: sqlite3.Connection | None = None
-
-    def _conn(self) -> sqlite3.Connection | None:
-        if self.path is None:
-            return None
-        if self._db is None:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute(
-                    "CREATE TABLE IF NOT EXISTS digests (dev INTEGER, ino INTEGER, size INTEGER,"
-                    " mtime_ns INTEGER, ctime_ns INTEGER, sha256 TEXT NOT NULL, path TEXT,"
-                    " PRIMARY KEY (dev, ino, size, mtime_ns, ctime_ns))"
-                )
-            except sqlite3.Error:
-                # A broken cache must never stop a stage: it only costs a re-hash.
-                self.path = None
-                return None
-            self._db = db
-        return self._db
+        super().__init__(
+            path,
+            "CREATE TABLE IF NOT EXISTS digests (dev INTEGER, ino INTEGER, size INTEGER,"
+            " mtime_ns INTEGER, ctime_ns INTEGER, sha256 TEXT NOT NULL, path TEXT,"
+            " PRIMARY KEY (dev, ino, size, mtime_ns, ctime_ns))",
+        )
 
     def get(self, version: FileVersion) -> str | None:
-        db = self._conn()
-        if db is None:
-            return None
-        try:
-            row = db.execute(
-                "SELECT sha256 FROM digests WHERE dev=? AND ino=? AND size=? AND mtime_ns=?"
-                " AND ctime_ns=?",
-                (version.dev, version.ino, version.size, version.mtime_ns, version.ctime_ns),
-            ).fetchone()
-        except sqlite3.Error:
-            return None
+        row = self.query_one(
+            "SELECT sha256 FROM digests WHERE dev=? AND ino=? AND size=? AND mtime_ns=?"
+            " AND ctime_ns=?",
+            (version.dev, version.ino, version.size, version.mtime_ns, version.ctime_ns),
+        )
         return str(row[0]) if row else None
 
     def put(self, version: FileVersion, sha256: str, path: str = "") -> None:
-        db = self._conn()
-        if db is None:
-            return
-        with contextlib.suppress(sqlite3.Error):
-            db.execute(
-                "INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    version.dev,
-                    version.ino,
-                    version.size,
-                    version.mtime_ns,
-                    version.ctime_ns,
-                    sha256,
-                    path,
-                ),
-            )
-
-    def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        self.execute(
+            "INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                version.dev,
+                version.ino,
+                version.size,
+                version.mtime_ns,
+                version.ctime_ns,
+                sha256,
+                path,
+            ),
+        )
 
 
 async def hash_file(

@@ -62,7 +62,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Mapping
@@ -81,7 +80,7 @@ from ..budget import (
 )
 from ..errors import InvalidModelName, LoadError
 from . import backend as backends
-from .store import Store
+from .store import Store, write_atomic
 
 log = logging.getLogger("staging_cli.worker.models")
 
@@ -225,22 +224,6 @@ class Model:
             out["backend_url"] = self.backend.url
             out["pid"] = self.backend.pid
         return out
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _check_name(name: str) -> str:
@@ -388,7 +371,7 @@ class ModelManager:
                 entry["backend_process"] = {"pid": b.pid, "start_time": b.start_time}
             models[m.name] = entry
         body = {"version": 1, "models": models}
-        _write_atomic(self.record_path, json.dumps(body, indent=1).encode())
+        write_atomic(self.record_path, json.dumps(body, indent=1).encode())
 
     # -- queries -----------------------------------------------------------------------------
 

@@ -111,11 +111,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, whole:
+    temp file, fsync, rename, fsync of the directory."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -301,7 +305,7 @@ class Store:
             expires=now + self.expiry,
         )
         self._part(upload_id).touch()
-        _write_atomic(self._info(upload_id), json.dumps(asdict(record)).encode())
+        write_atomic(self._info(upload_id), json.dumps(asdict(record)).encode())
         upload = Upload(record=record, hasher=hashlib.sha256())
         self._uploads[upload_id] = upload
         if length == 0:
@@ -363,7 +367,7 @@ class Store:
     def _record(self, upload: Upload, offset: int) -> None:
         """Durably record a new offset; only then does anyone (HEAD, /status) see it."""
         record = replace(upload.record, offset=offset, expires=self._clock() + self.expiry)
-        _write_atomic(self._info(upload.id), json.dumps(asdict(record)).encode())
+        write_atomic(self._info(upload.id), json.dumps(asdict(record)).encode())
         upload.record = record
 
     def _finalize(self, upload: Upload, digest: str) -> None:
