@@ -20,6 +20,7 @@ import httpx
 from ..config import Paths
 from ..stager import StageOptions, Stager, open_stager
 from .placement import WorkerView
+from .proxy import ForwardingClient
 
 STATUS_TTL = 1.0  # seconds a worker's /status answer is reused for placement
 
@@ -65,7 +66,10 @@ class WorkerPool:
         client = self._clients.get(url)
         if client is None:
             token = self.refs[url].token if url in self.refs else None
-            client = httpx.AsyncClient(
+            # forwarded requests go through the ForwardingClient's aiohttp session; a test's
+            # transport only applies to httpx, so then everything stays on httpx
+            kind = httpx.AsyncClient if self._transport is not None else ForwardingClient
+            client = kind(
                 headers={"Authorization": f"Bearer {token}"} if token else {},
                 timeout=httpx.Timeout(connect=5.0, read=None, write=60.0, pool=30.0),
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
