@@ -99,7 +99,13 @@ def test_owner_replica_killed_mid_staging_is_taken_over(
         # nobody asks the other replica: it adopts the orphaned job by itself
         wait_until(lambda: loaded(demo_worker), 120, "the other replica to finish the load")
         print(f"takeover + rest of the load took {time.monotonic() - killed:.1f}s after SIGKILL")
-        answer = httpx.post(other_url + "/v1/chat/completions", json=CHAT, timeout=30)
+        # the worker is READY; the replica learns it from its load's answer a moment later
+        deadline = time.monotonic() + 30
+        while (
+            answer := httpx.post(other_url + "/v1/chat/completions", json=CHAT, timeout=30)
+        ).status_code == 503:
+            assert answer.headers["Retry-After"] and time.monotonic() < deadline, answer.text
+            time.sleep(0.2)
         assert answer.status_code == 200, answer.text
         jobs = httpx.get(other_url + "/staging/jobs").json()["jobs"]
         (job,) = [j for j in jobs if j["bytes_total"] == size]  # the database is the session's
