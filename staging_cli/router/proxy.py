@@ -294,10 +294,11 @@ class _Relay(StreamingResponse):
                 await send({"type": "http.response.body", "body": chunk, "more_body": not last})
                 if last:
                     return
-        except _AIOHTTP_ERRORS:
-            # the worker vanished mid-answer: the status is sent already, so end the stream;
-            # the client sees a truncated body rather than a hang
-            pass
+        except _AIOHTTP_ERRORS as exc:
+            # the worker vanished mid-answer. The status is sent already; ending the body
+            # normally would pass a cut answer off as complete, so the connection is aborted
+            # (no final chunk) and the client sees the truncation
+            raise ConnectionResetError(f"the worker vanished mid-answer: {exc}") from exc
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
