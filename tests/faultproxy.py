@@ -134,12 +134,16 @@ class FaultProxy:
             yield self
         finally:
 
-            def stop() -> None:
+            async def stop() -> None:
                 if self._server is not None:
                     self._server.close()
-                for task in asyncio.all_tasks(self._loop):
+                tasks = [
+                    t for t in asyncio.all_tasks(self._loop) if t is not asyncio.current_task()
+                ]
+                for task in tasks:
                     task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
                 self._loop.stop()
 
-            self._loop.call_soon_threadsafe(stop)
+            asyncio.run_coroutine_threadsafe(stop(), self._loop)
             thread.join(timeout=10)
