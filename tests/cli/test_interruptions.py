@@ -186,3 +186,40 @@ def test_frozen_client_does_not_block_a_resume_for_long(tmp_path: Path) -> None:
                 f"resume behind a frozen client finished in {elapsed:.1f}s (idle timeout {idle}s)"
             )
             assert sha256(w.dir / "blobs" / "sha256" / str(result["sha256"])) == sha256(source)
+
+
+def test_ctrl_c_leaves_a_resumable_upload_and_exits_130(tmp_path: Path) -> None:
+    source = make_file(tmp_path / "model.bin", SIZE)
+    with run_worker_in_thread(tmp_path / "w") as w:
+        env = cli_env(tmp_path / "c")
+        with stage_process(source, w.url, env, "--limit-rate", "16MiB", "--no-load") as proc:
+            wait_for_offset(w.url, 2 * CHUNK)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        assert "run the same command again to resume" in err and "Traceback" not in err
+        kept = offset_of(w.url)
+        assert kept >= 2 * CHUNK
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "staging_cli",
+                "stage",
+                str(source),
+                "-m",
+                "org/m",
+                "-w",
+                w.url,
+                "--chunk-size",
+                str(CHUNK),
+                "--json",
+                "--no-load",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        assert summary(done.stdout)["resumed_from"] == kept

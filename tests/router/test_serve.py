@@ -274,3 +274,78 @@ def test_shutdown_leaves_the_cold_load_resumable(
         wait_until(lambda: loaded(demo_worker), 90, "the next start to finish the load")
         assert httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=30).status_code == 200
     assert demo_worker.store.received_bytes - before <= size - kept + CHUNK
+
+
+def test_events_stream_jobs_and_failed_loads_are_reported(tmp_path: Path) -> None:
+    never_healthy = f'{sys.executable} -c "import time; time.sleep(600)" {{port}}'
+    with run_worker_in_thread(
+        tmp_path / "worker",
+        backend_cmd=never_healthy,
+        manager_kwargs={"timeout_base": 1.0, "timeout_per_gib": 0, "stop_grace": 1},
+    ) as w:
+        models = models_dir(tmp_path, MiB)
+        with serve_process(
+            models, *router_args(w, "--load-wait", "inf"), env=cli_env(tmp_path / "r")
+        ) as (_, url):
+            seen: list[dict[str, object]] = []
+
+            def follow() -> None:
+                with httpx.stream("GET", url + "/staging/events", timeout=30) as r:
+                    assert r.headers["content-type"].startswith("text/event-stream")
+                    for line in r.iter_lines():
+                        if line.startswith("data:"):
+                            seen.append(json.loads(line[5:]))
+                            if seen[-1]["status"] == "failed":
+                                return
+
+            async def both() -> httpx.Response:
+                watcher = asyncio.create_task(asyncio.to_thread(follow))
+                await asyncio.sleep(0.5)
+                async with httpx.AsyncClient(timeout=60) as client:
+                    answer = await client.post(url + "/v1/chat/completions", json=CHAT)
+                await asyncio.wait_for(watcher, 30)
+                return answer
+
+            answer = asyncio.run(both())
+            # the load failed: its reason, not a generic error, for the grace period
+            assert (
+                answer.status_code == 503 and answer.json()["error"]["code"] == "model_load_failed"
+            )
+            assert "health" in answer.json()["error"]["message"].lower()
+            again = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=30)
+            assert (
+                again.json()["error"]["code"] == "model_load_failed"
+                and int(again.headers["Retry-After"]) >= 1
+            )
+            phases = [e["phase"] for e in seen]
+            assert "loading" in phases and seen[-1]["status"] == "failed", phases
+            assert w.manager is not None and w.manager.loads_started == 1  # no retry storm
+
+
+def test_model_lost_by_the_worker_is_loaded_again(
+    demo_worker: RunningWorker, tmp_path: Path
+) -> None:
+    models = models_dir(tmp_path, MiB)
+    with serve_process(models, *router_args(demo_worker), env=cli_env(tmp_path / "r")) as (_, url):
+        assert httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=60).status_code == 200
+        # evicted / unloaded behind the router's back
+        assert httpx.post(demo_worker.url + "/v2/repository/models/cold/unload").status_code == 200
+        received = demo_worker.store.received_bytes
+        answer = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert demo_worker.manager is not None and demo_worker.manager.loads_started == 2
+        assert demo_worker.store.received_bytes == received  # the blob was still there
+
+
+def test_workers_and_tokens_from_the_config_file(tmp_path: Path) -> None:
+    with run_worker_in_thread(
+        tmp_path / "worker", token="w-secret", backend_cmd=demo_backend_cmd()
+    ) as w:
+        models = models_dir(tmp_path, MiB)
+        env = cli_env(tmp_path / "r")
+        config = tmp_path / "r" / "config" / "config.toml"
+        config.parent.mkdir(parents=True)
+        config.write_text(f'[[workers]]\nurl = "{w.url}"\ntoken = "w-secret"\n')
+        with serve_process(models, env=env) as (_, url):
+            answer = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=60)
+            assert answer.status_code == 200, answer.text

@@ -15,6 +15,7 @@ from staging_cli.errors import (
     AuthenticationError,
     ChecksumRetriesExhausted,
     DigestMismatch,
+    FileChanged,
     InsufficientStorage,
     StallTimeout,
     UploadRefused,
@@ -260,3 +261,30 @@ async def test_stall_window_ends_a_run_without_progress(tmp_path: Path, paths: P
         _scripted(router, [httpx.Response(503)] * 1000)
         with pytest.raises(StallTimeout, match="stall window"):
             await _stage_scripted(tmp_path, paths, stall_window=0.5)
+
+
+@pytest.mark.anyio
+async def test_a_file_that_changes_while_staged_fails_clearly(
+    worker: RunningWorker, tmp_path: Path, paths: Paths
+) -> None:
+    source = make_file(tmp_path / "growing.bin", 12 * MiB)
+    touched = False
+
+    def append_after_first_chunk(event: Event) -> None:
+        nonlocal touched
+        if isinstance(event, UploadProgress) and not touched:
+            touched = True
+            with source.open("ab") as fh:
+                fh.write(b"more")
+
+    stager = open_stager(
+        worker.url,
+        options=StageOptions(chunk_size=4 * MiB),
+        on_event=append_after_first_chunk,
+        paths=paths,
+    )
+    try:
+        with pytest.raises(FileChanged, match="changed while it was being staged"):
+            await stager.stage_file(source, model="m")
+    finally:
+        await stager.aclose()
