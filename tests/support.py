@@ -79,36 +79,18 @@ def cli_env(tmp: Path, **extra: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def worker_process(
-    directory: Path, *args: str, port: int = 0, env: dict[str, str] | None = None
-) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """``staging-cli worker`` as a real subprocess; yields (process, url). Always killed."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "staging_cli",
-        "worker",
-        "--dir",
-        str(directory),
-        "--port",
-        str(port),
-        *args,
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env or cli_env(directory.parent),
-    )
+def cli_server(args: list[str], env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A ``staging-cli`` server command as a real subprocess, once it prints ``listening on
+    URL``; yields (process, url). Always killed, also when the test fails."""
+    cmd = [sys.executable, "-m", "staging_cli", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if not line.startswith("listening on "):
             proc.kill()
-            raise RuntimeError(
-                f"worker did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}"
-            )
+            err = proc.stderr.read() if proc.stderr else ""
+            raise RuntimeError(f"{args[0]} did not start: {line!r} {err}")
         yield proc, line.split()[-1]
     finally:
         if proc.poll() is None:
@@ -117,6 +99,14 @@ def worker_process(
         for stream in (proc.stdout, proc.stderr):
             if stream:
                 stream.close()
+
+
+def worker_process(
+    directory: Path, *args: str, port: int = 0, env: dict[str, str] | None = None
+) -> contextlib.AbstractContextManager[tuple[subprocess.Popen[str], str]]:
+    """``staging-cli worker`` as a real subprocess; yields (process, url)."""
+    argv = ["worker", "--dir", str(directory), "--port", str(port), *args]
+    return cli_server(argv, env or cli_env(directory.parent))
 
 
 def free_port() -> int:
@@ -143,15 +133,11 @@ def make_file(path: Path, size: int, seed: int = 0) -> Path:
     return path
 
 
-@contextlib.contextmanager
 def serve_process(
     models_dir: Path, *args: str, env: dict[str, str], port: int = 0
-) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """``staging-cli serve`` as a real subprocess; yields (process, url). Always killed."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "staging_cli",
+) -> contextlib.AbstractContextManager[tuple[subprocess.Popen[str], str]]:
+    """``staging-cli serve`` as a real subprocess; yields (process, url)."""
+    argv = [
         "serve",
         "--models-dir",
         str(models_dir),
@@ -161,20 +147,4 @@ def serve_process(
         "warning",
         *args,
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.startswith("listening on "):
-            proc.kill()
-            raise RuntimeError(
-                f"serve did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}"
-            )
-        yield proc, line.split()[-1]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
-        for stream in (proc.stdout, proc.stderr):
-            if stream:
-                stream.close()
+    return cli_server(argv, env)
