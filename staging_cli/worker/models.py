@@ -69,7 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 
 from .. import tus
 from ..budget import (
@@ -295,16 +295,25 @@ class ModelManager:
         self._models: dict[str, Model] = {}
         self._closed = False
         self._opened = False
-        self._http: httpx.AsyncClient | None = None
+        self._http: aiohttp.ClientSession | None = None
         self.loads_started = 0  # loads that did work (not no-ops or joins): /status shows it
         self.evictions = 0  # backends stopped by idle_ttl or max_loaded: /status shows it
 
-    def http_client(self) -> httpx.AsyncClient:
-        """The client the /v1 proxy talks to backends with (no read timeout: generation is slow)."""
-        if self._http is None:
-            self._http = httpx.AsyncClient(
-                timeout=httpx.Timeout(connect=10.0, read=None, write=60.0, pool=10.0),
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
+    def http_session(self) -> aiohttp.ClientSession:
+        """The session the /v1 proxy talks to backends with, made on first use (inside the
+        running loop) and closed by :meth:`aclose`: 10 s to connect, no read timeout
+        (generation is slow), no connection limit, no cookies, no automatic decompression (the
+        backend's bytes are relayed unchanged) and none of aiohttp's automatic request headers
+        (the client's are relayed)."""
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, connect=None, sock_connect=10.0, sock_read=None
+                ),
+                auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
             )
         return self._http
 
@@ -818,5 +827,5 @@ class ModelManager:
             with contextlib.suppress(OSError):
                 self._save()
             if self._http is not None:
-                await self._http.aclose()
+                await self._http.close()
                 self._http = None

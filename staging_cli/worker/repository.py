@@ -42,9 +42,13 @@ The index entries carry ``in_flight`` (requests being proxied to the model's bac
 flight; null unless READY),
 so that a router can prefer a worker where the model is warm and not busy.
 
-The proxy streams the backend's answer through unchanged (SSE included), dropping hop-by-hop
-headers and the worker's Authorization header. Each request counts as in flight on its model
-from before it is forwarded until the streamed answer has ended, failed or the client has gone
+The proxy streams the backend's answer through unchanged (SSE included; no decompression, no
+re-chunking, no buffering), dropping hop-by-hop headers (also those named in ``Connection``) and
+the worker's Authorization header. An answer of known, small length that is not an event stream
+is read whole and sent as one plain response with its ``Content-Length`` (502 if the backend
+breaks it off). A backend that breaks off a streamed answer aborts the client's connection (no
+final chunk), so that a cut answer is not passed off as complete. Each request counts as in
+flight on its model from before it is forwarded until the streamed answer has ended, failed or the client has gone
 away; a model with requests in flight is never unloaded for idleness or to make room. Its errors are OpenAI-shaped
 (``{"error": {"message", "type", "code"}}``): 400 bad JSON or no "model"; 404 model not loaded;
 503 + Retry-After while it loads; 501 the worker has no backend; 502 the backend died or cannot
@@ -57,10 +61,11 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import Iterable
 from typing import Any
 
-import httpx
+import aiohttp
+import yarl
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -95,6 +100,40 @@ HOP_BY_HOP = frozenset(
         "authorization",
     }
 )
+HOP_BY_HOP_RAW = frozenset(name.encode("latin-1") for name in HOP_BY_HOP)
+
+BUFFER_LIMIT = 1 << 20  # answers up to this Content-Length are relayed as one plain response
+
+# what aiohttp raises when the backend cannot be reached or breaks off (timeouts are OSErrors)
+_AIOHTTP_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, OSError)
+
+
+def _request_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The client's headers to forward: without hop-by-hop ones (and those named in
+    ``Connection``), ``Host``, ``Content-Length`` and the worker's ``Authorization``."""
+    pairs = list(headers)
+    named = {
+        token.strip().lower()
+        for name, value in pairs
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+    return [(k, v) for k, v in pairs if k.lower() not in HOP_BY_HOP and k.lower() not in named]
+
+
+def _response_headers(
+    headers: Iterable[tuple[bytes, bytes]], keep_length: bool
+) -> list[tuple[bytes, bytes]]:
+    """The backend's raw answer headers to relay, names lower-cased for ASGI; hop-by-hop ones
+    (and those named in ``Connection``) dropped, ``Content-Length`` kept if ``keep_length``."""
+    pairs = [(k.lower(), v) for k, v in headers]
+    named = {
+        token.strip().lower() for k, v in pairs if k == b"connection" for token in v.split(b",")
+    }
+    skip = HOP_BY_HOP_RAW | named
+    if keep_length:
+        skip = skip - {b"content-length"}
+    return [(k, v) for k, v in pairs if k not in skip]
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -109,36 +148,52 @@ def _model_error(exc: ModelError) -> JSONResponse:
 
 
 class _ProxiedStream(StreamingResponse):
-    """A streamed backend answer that releases its in-flight lease however the stream ends.
+    """A backend answer relayed as it arrives, with the upstream response and the in-flight
+    lease settled exactly once however the relay ends: finished (the connection goes back to
+    the pool), the client gone (Starlette cancels the relay on ``http.disconnect``, or the send
+    raises) or the backend broken off (the upstream connection is closed)."""
 
-    Normal end, a backend error, the client going away (the send raising, or Starlette
-    cancelling the stream on ``http.disconnect``): ``__call__``'s ``finally`` closes the body
-    iterator (whose own ``finally`` closes the upstream response) and releases the lease.
-    """
-
-    def __init__(
-        self,
-        content: AsyncIterator[bytes],
-        upstream: httpx.Response,
-        lease: RequestLease,
-    ) -> None:
-        super().__init__(content, status_code=upstream.status_code)
-        self._body = content
+    def __init__(self, upstream: aiohttp.ClientResponse, lease: RequestLease, name: str) -> None:
+        # not StreamingResponse.__init__: the body is read in stream_response
         self.upstream = upstream
         self.lease = lease
+        self.name = name
+        self.status_code = upstream.status
+        self.background = None
+        self.raw_headers = _response_headers(upstream.raw_headers, keep_length=False)
+
+    async def stream_response(self, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        stream = self.upstream.content
+        try:
+            while True:
+                chunk = await stream.readany()
+                if not chunk:
+                    break
+                # the backend's end already arrived: end the answer with this same write
+                last = stream.at_eof()
+                await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+                if last:
+                    return
+        except _AIOHTTP_ERRORS as exc:
+            # The backend vanished mid-answer. The status is sent already; ending the body
+            # normally would pass a cut answer off as complete, so the connection is aborted
+            # (no final chunk) and the client sees the truncation.
+            log.warning("proxy to %s: the backend broke off its answer: %r", self.name, exc)
+            raise ConnectionResetError(f"the backend broke off its answer: {exc}") from exc
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             try:
-                aclose = getattr(self._body, "aclose", None)
-                if aclose is not None:
-                    with contextlib.suppress(Exception):
-                        await aclose()
-                # Also when the body never started (its own finally never ran).
-                with contextlib.suppress(Exception):
-                    await self.upstream.aclose()
+                if self.upstream.content.at_eof():
+                    self.upstream.release()  # keep-alive: the connection goes back to the pool
+                else:
+                    self.upstream.close()  # cut short: the backend sees the disconnect
             finally:
                 self.lease.release()
 
@@ -146,6 +201,15 @@ class _ProxiedStream(StreamingResponse):
 def _openai_error(status: int, message: str, kind: str, code: str) -> JSONResponse:
     return JSONResponse(
         {"error": {"message": message, "type": kind, "code": code}}, status_code=status
+    )
+
+
+def _unreachable(name: str, exc: BaseException) -> JSONResponse:
+    return _openai_error(
+        502,
+        f"the backend of model {name} cannot be reached ({type(exc).__name__}): it may have died",
+        "server_error",
+        "backend_unreachable",
     )
 
 
@@ -312,49 +376,48 @@ def repository_routes(manager: ModelManager) -> list[Route]:
         # In flight from here (no await since the READY check): never unloaded meanwhile.
         lease = manager.begin_request(model)
         try:
-            headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
-            client = manager.http_client()
-            outgoing = client.build_request(
-                request.method,
-                backend.url + request.url.path,
-                params=request.url.query or None,
-                headers=headers,
-                content=raw,
-            )
+            # the client's path and query, byte for byte
+            raw_path = request.scope.get("raw_path")
+            target = raw_path.decode("latin-1") if raw_path else request.url.path
+            if request.url.query:
+                target += "?" + request.url.query
             try:
-                upstream = await client.send(outgoing, stream=True)
-            except httpx.HTTPError as exc:
-                lease.release()
-                return _openai_error(
-                    502,
-                    f"the backend of model {name} cannot be reached "
-                    f"({type(exc).__name__}): it may have died",
-                    "server_error",
-                    "backend_unreachable",
+                upstream = await manager.http_session().request(
+                    request.method,
+                    yarl.URL(backend.url + target, encoded=True),
+                    headers=_request_headers(request.headers.items()),
+                    data=raw,
+                    allow_redirects=False,
                 )
+            except _AIOHTTP_ERRORS as exc:
+                lease.release()
+                return _unreachable(name, exc)
+            length = upstream.content_length
+            small = (
+                length is not None
+                and length <= BUFFER_LIMIT
+                and not upstream.headers.get("content-type", "").startswith("text/event-stream")
+            )
+            if not small:
+                return _ProxiedStream(upstream, lease, name)
+            # known and small: read whole and sent as one plain response (one write)
+            try:
+                content = await upstream.read()
+            except _AIOHTTP_ERRORS as exc:
+                upstream.close()
+                lease.release()
+                return _unreachable(name, exc)
+            except BaseException:
+                upstream.close()
+                raise
+            upstream.release()
+            lease.release()
         except BaseException:  # cancelled (the client left) or a bug: not in flight any more
             lease.release()
             raise
-
-        async def relay() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in upstream.aiter_raw():
-                    yield chunk
-            except httpx.HTTPError as exc:
-                log.warning("proxy to %s: backend stream broke: %r", name, exc)
-            finally:
-                try:
-                    await upstream.aclose()
-                finally:
-                    lease.release()
-
-        streamed = _ProxiedStream(relay(), upstream, lease)
-        streamed.raw_headers = [
-            (k.encode("latin-1"), v.encode("latin-1"))
-            for k, v in upstream.headers.multi_items()
-            if k.lower() not in HOP_BY_HOP
-        ]
-        return streamed
+        answer = Response(content, status_code=upstream.status)
+        answer.raw_headers = _response_headers(upstream.raw_headers, keep_length=True)
+        return answer
 
     return [
         Route("/v2/repository/index", index, methods=["POST"]),
