@@ -34,7 +34,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..coldload import ColdLoadResult
 from ..config import Paths
@@ -70,6 +70,7 @@ class Router:
         self.options = options
         self.metrics = RouterMetrics()
         self.coldloads: ColdLoads  # set in the lifespan, once the coordinator is open
+        self._counted: dict[tuple[str, int], Any] = {}  # labelled request counters, by use
 
     def _finished(
         self, model: str, result: ColdLoadResult | None, seconds: float, exc: BaseException | None
@@ -82,7 +83,13 @@ class Router:
             self.metrics.cold_loads.labels("failed" if exc else "interrupted").inc()
 
     def _answer(self, model: str, response: Response) -> Response:
-        self.metrics.requests.labels(model, str(response.status_code)).inc()
+        key = (model, response.status_code)
+        child = self._counted.get(key)
+        if child is None:
+            if len(self._counted) > 4096:
+                self._counted.clear()
+            child = self._counted[key] = self.metrics.requests.labels(model, str(key[1]))
+        child.inc()
         return response
 
     def _loading(self, model: str) -> Response:
@@ -159,8 +166,21 @@ class Router:
 
     # -- endpoints -----------------------------------------------------------------------
 
-    async def inference(self, request: Request) -> Response:
-        body = await request.body()
+    async def inference(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """POST /v1/*, as a plain ASGI app (no Starlette request or routing per request)."""
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client is gone before its request was complete: nothing to answer
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        response = await self._inference(scope, body)
+        await response(scope, receive, send)
+
+    async def _inference(self, scope: Scope, body: bytes) -> Response:
         try:
             payload = json.loads(body)
         except (ValueError, UnicodeDecodeError):
@@ -184,17 +204,22 @@ class Router:
                     "invalid_request_error",
                 ),
             )
+        stream = bool(payload.get("stream"))
         for _attempt in range(2):
-            worker = await self._worker_for(model)
-            if isinstance(worker, Response):
-                return self._answer(model if worker.status_code != 404 else "", worker)
+            worker = self.coldloads.routes.get(model)
+            if worker is None:  # not loaded (yet): a cold load, or an answer saying why not
+                found = await self._worker_for(model)
+                if isinstance(found, Response):
+                    return self._answer(model if found.status_code != 404 else "", found)
+                worker = found
             self.pool.in_flight[worker] += 1
             result = await forward(
-                request,
+                scope,
                 body,
                 worker,
                 self.pool.client(worker),
                 on_close=functools.partial(self._done_with, worker),
+                stream=stream,
             )
             if result.model_missing:
                 # the worker lost the model (restarted, evicted, unloaded): load it again
@@ -266,8 +291,43 @@ class Router:
             Route("/staging/jobs", self.jobs, methods=["GET"]),
             Route("/staging/events", self.events, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
-            Route("/v1/{path:path}", self.inference, methods=["POST"]),
+            Route("/v1/{path:path}", _Endpoint(self), methods=["POST"]),
         ]
+
+
+class _Endpoint:
+    """``Router.inference`` as an ASGI endpoint (a class instance: Starlette passes it the
+    scope as it is instead of wrapping it in a request/response function)."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.router.inference(scope, receive, send)
+
+
+class _InferenceFirst:
+    """POST /v1/* straight to ``Router.inference``, everything else to the Starlette app.
+
+    The forwarded requests are the router's hot path: Starlette's middleware stack, router and
+    request objects cost CPU on each, and buy nothing the inference handler uses (it answers
+    its own errors in OpenAI form). An app mounted under a root path goes through Starlette.
+    """
+
+    def __init__(self, router: Router, app: ASGIApp) -> None:
+        self.router = router
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope["path"].startswith("/v1/")
+            and not scope.get("root_path")
+        ):
+            await self.router.inference(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 def create_router_app(
@@ -306,4 +366,4 @@ def create_router_app(
 
     app = Starlette(routes=router.routes(), lifespan=lifespan)
     app.state.router = router
-    return BearerAuth(app, opts.token)
+    return BearerAuth(_InferenceFirst(router, app), opts.token)
