@@ -38,29 +38,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from .upstream import Exchange, UpstreamError, WorkerConnections
-
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-connection",
-    }
+from ..relay import (
+    AIOHTTP_ERRORS,
+    BUFFER_LIMIT,
+    HOP_BY_HOP_RAW,
+    AiohttpRelay,
+    request_headers,
+    response_headers,
 )
-
-
-HOP_BY_HOP_RAW = frozenset(name.encode("latin-1") for name in HOP_BY_HOP)
-
-BUFFER_LIMIT = 1 << 20  # answers up to this Content-Length are relayed as one plain response
-
-# what aiohttp raises when the worker cannot be reached or breaks off (timeouts are OSErrors)
-_AIOHTTP_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, OSError)
+from .upstream import Exchange, UpstreamError, WorkerConnections
 
 
 class ForwardingClient(httpx.AsyncClient):
@@ -125,34 +111,6 @@ def openai_error(
 ) -> JSONResponse:
     body: dict[str, object] = {"message": message, "type": kind, "code": code, **extra}
     return JSONResponse({"error": body}, status_code=status)
-
-
-def _filtered(
-    headers: Iterable[tuple[str, str]], drop: Iterable[str] = ()
-) -> list[tuple[str, str]]:
-    pairs = list(headers)
-    named = {
-        token.strip().lower()
-        for name, value in pairs
-        if name.lower() == "connection"
-        for token in value.split(",")
-    }
-    skip = HOP_BY_HOP | named | {d.lower() for d in drop}
-    return [(k, v) for k, v in pairs if k.lower() not in skip]
-
-
-def _filtered_raw(
-    headers: Iterable[tuple[bytes, bytes]], keep_length: bool
-) -> list[tuple[bytes, bytes]]:
-    """``_filtered`` for raw (bytes) response headers, names lower-cased for ASGI."""
-    pairs = [(k.lower(), v) for k, v in headers]
-    named = {
-        token.strip().lower() for k, v in pairs if k == b"connection" for token in v.split(b",")
-    }
-    skip = HOP_BY_HOP_RAW | named
-    if not keep_length:
-        skip = skip | {b"content-length"}
-    return [(k, v) for k, v in pairs if k not in skip]
 
 
 def _unreachable(worker: str, exc: BaseException) -> JSONResponse:
@@ -239,7 +197,9 @@ async def forward(
             if head is not None:
                 return await _forward_fast(scope, head, body, worker, conns, close)
     request = Request(scope)
-    headers = _filtered(request.headers.items(), drop=("host", "content-length", "authorization"))
+    headers = request_headers(
+        request.headers.items(), drop=("host", "content-length", "authorization")
+    )
     url = worker + request.url.path
     if request.url.query:
         url += "?" + request.url.query
@@ -269,7 +229,7 @@ async def forward(
             content, status_code=404, media_type=upstream.headers.get("content-type")
         )
         return Forwarded(response, model_missing=code in MISSING_CODES)
-    response_headers = _filtered(upstream.headers.multi_items(), drop=("content-length",))
+    response_headers = request_headers(upstream.headers.multi_items(), drop=("content-length",))
 
     async def relay() -> AsyncIterator[bytes]:
         try:
@@ -307,7 +267,7 @@ async def _forward_aiohttp(
             data=body,
             allow_redirects=False,
         )
-    except _AIOHTTP_ERRORS as exc:
+    except AIOHTTP_ERRORS as exc:
         close()
         return Forwarded(_unreachable(worker, exc), reached=False)
     except BaseException:
@@ -324,7 +284,7 @@ async def _forward_aiohttp(
         # answer of known length to send it as one plain response (nothing streams earlier)
         try:
             content = await upstream.read()
-        except _AIOHTTP_ERRORS as exc:
+        except AIOHTTP_ERRORS as exc:
             upstream.close()
             close()
             return Forwarded(_unreachable(worker, exc), reached=False)
@@ -344,9 +304,9 @@ async def _forward_aiohttp(
             )
             return Forwarded(response, model_missing=code in MISSING_CODES)
         response = Response(content, status_code=upstream.status)
-        response.raw_headers = _filtered_raw(upstream.raw_headers, keep_length=True)
+        response.raw_headers = response_headers(upstream.raw_headers, keep_length=True)
         return Forwarded(response)
-    return Forwarded(_Relay(upstream, close))
+    return Forwarded(AiohttpRelay(upstream, close, f"the worker {worker}"))
 
 
 async def _forward_fast(
@@ -437,52 +397,5 @@ class _FastRelay(StreamingResponse):
         finally:
             try:
                 self.exchange.finish()  # keep-alive if read to the end, closed otherwise
-            finally:
-                self.close()
-
-
-class _Relay(StreamingResponse):
-    """A streamed worker answer relayed as it arrives (Starlette's disconnect handling), with
-    the upstream response and ``close`` settled exactly once however the relay ends."""
-
-    def __init__(self, upstream: aiohttp.ClientResponse, close: Callable[[], None]) -> None:
-        # not StreamingResponse.__init__: the body is read in stream_response
-        self.upstream = upstream
-        self.close = close
-        self.status_code = upstream.status
-        self.background = None
-        self.raw_headers = _filtered_raw(upstream.raw_headers, keep_length=False)
-
-    async def stream_response(self, send: Send) -> None:
-        await send(
-            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-        )
-        stream = self.upstream.content
-        try:
-            while True:
-                chunk = await stream.readany()
-                if not chunk:
-                    break
-                # the worker's end already arrived: end the answer with this same write
-                last = stream.at_eof()
-                await send({"type": "http.response.body", "body": chunk, "more_body": not last})
-                if last:
-                    return
-        except _AIOHTTP_ERRORS as exc:
-            # the worker vanished mid-answer. The status is sent already; ending the body
-            # normally would pass a cut answer off as complete, so the connection is aborted
-            # (no final chunk) and the client sees the truncation
-            raise ConnectionResetError(f"the worker vanished mid-answer: {exc}") from exc
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            try:
-                if self.upstream.content.at_eof():
-                    self.upstream.release()  # keep-alive: the connection goes back to the pool
-                else:
-                    self.upstream.close()  # cut short: the worker sees the disconnect
             finally:
                 self.close()

@@ -61,17 +61,15 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Iterable
 from typing import Any
 
-import aiohttp
 import yarl
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from ..errors import LoadError, LoadTimeout
+from ..relay import AIOHTTP_ERRORS, BUFFER_LIMIT, AiohttpRelay, request_headers, response_headers
 from .models import (
     LOADING,
     READY,
@@ -79,61 +77,12 @@ from .models import (
     ModelError,
     ModelManager,
     ModelSpec,
-    RequestLease,
 )
 
 log = logging.getLogger("staging_cli.worker.repository")
 
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-        "host",
-        "authorization",
-    }
-)
-HOP_BY_HOP_RAW = frozenset(name.encode("latin-1") for name in HOP_BY_HOP)
-
-BUFFER_LIMIT = 1 << 20  # answers up to this Content-Length are relayed as one plain response
-
-# what aiohttp raises when the backend cannot be reached or breaks off (timeouts are OSErrors)
-_AIOHTTP_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, OSError)
-
-
-def _request_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The client's headers to forward: without hop-by-hop ones (and those named in
-    ``Connection``), ``Host``, ``Content-Length`` and the worker's ``Authorization``."""
-    pairs = list(headers)
-    named = {
-        token.strip().lower()
-        for name, value in pairs
-        if name.lower() == "connection"
-        for token in value.split(",")
-    }
-    return [(k, v) for k, v in pairs if k.lower() not in HOP_BY_HOP and k.lower() not in named]
-
-
-def _response_headers(
-    headers: Iterable[tuple[bytes, bytes]], keep_length: bool
-) -> list[tuple[bytes, bytes]]:
-    """The backend's raw answer headers to relay, names lower-cased for ASGI; hop-by-hop ones
-    (and those named in ``Connection``) dropped, ``Content-Length`` kept if ``keep_length``."""
-    pairs = [(k.lower(), v) for k, v in headers]
-    named = {
-        token.strip().lower() for k, v in pairs if k == b"connection" for token in v.split(b",")
-    }
-    skip = HOP_BY_HOP_RAW | named
-    if keep_length:
-        skip = skip - {b"content-length"}
-    return [(k, v) for k, v in pairs if k not in skip]
+# not forwarded to a backend: the worker's own token, and what the relay sets itself
+_DROP = ("content-length", "host", "authorization")
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -145,57 +94,6 @@ def _model_error(exc: ModelError) -> JSONResponse:
     if exc.retry_after is not None:
         response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     return response
-
-
-class _ProxiedStream(StreamingResponse):
-    """A backend answer relayed as it arrives, with the upstream response and the in-flight
-    lease settled exactly once however the relay ends: finished (the connection goes back to
-    the pool), the client gone (Starlette cancels the relay on ``http.disconnect``, or the send
-    raises) or the backend broken off (the upstream connection is closed)."""
-
-    def __init__(self, upstream: aiohttp.ClientResponse, lease: RequestLease, name: str) -> None:
-        # not StreamingResponse.__init__: the body is read in stream_response
-        self.upstream = upstream
-        self.lease = lease
-        self.name = name
-        self.status_code = upstream.status
-        self.background = None
-        self.raw_headers = _response_headers(upstream.raw_headers, keep_length=False)
-
-    async def stream_response(self, send: Send) -> None:
-        await send(
-            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-        )
-        stream = self.upstream.content
-        try:
-            while True:
-                chunk = await stream.readany()
-                if not chunk:
-                    break
-                # the backend's end already arrived: end the answer with this same write
-                last = stream.at_eof()
-                await send({"type": "http.response.body", "body": chunk, "more_body": not last})
-                if last:
-                    return
-        except _AIOHTTP_ERRORS as exc:
-            # The backend vanished mid-answer. The status is sent already; ending the body
-            # normally would pass a cut answer off as complete, so the connection is aborted
-            # (no final chunk) and the client sees the truncation.
-            log.warning("proxy to %s: the backend broke off its answer: %r", self.name, exc)
-            raise ConnectionResetError(f"the backend broke off its answer: {exc}") from exc
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            try:
-                if self.upstream.content.at_eof():
-                    self.upstream.release()  # keep-alive: the connection goes back to the pool
-                else:
-                    self.upstream.close()  # cut short: the backend sees the disconnect
-            finally:
-                self.lease.release()
 
 
 def _openai_error(status: int, message: str, kind: str, code: str) -> JSONResponse:
@@ -385,11 +283,11 @@ def repository_routes(manager: ModelManager) -> list[Route]:
                 upstream = await manager.http_session().request(
                     request.method,
                     yarl.URL(backend.url + target, encoded=True),
-                    headers=_request_headers(request.headers.items()),
+                    headers=request_headers(request.headers.items(), drop=_DROP),
                     data=raw,
                     allow_redirects=False,
                 )
-            except _AIOHTTP_ERRORS as exc:
+            except AIOHTTP_ERRORS as exc:
                 lease.release()
                 return _unreachable(name, exc)
             length = upstream.content_length
@@ -399,11 +297,11 @@ def repository_routes(manager: ModelManager) -> list[Route]:
                 and not upstream.headers.get("content-type", "").startswith("text/event-stream")
             )
             if not small:
-                return _ProxiedStream(upstream, lease, name)
+                return AiohttpRelay(upstream, lease.release, f"the backend of model {name}")
             # known and small: read whole and sent as one plain response (one write)
             try:
                 content = await upstream.read()
-            except _AIOHTTP_ERRORS as exc:
+            except AIOHTTP_ERRORS as exc:
                 upstream.close()
                 lease.release()
                 return _unreachable(name, exc)
@@ -416,7 +314,7 @@ def repository_routes(manager: ModelManager) -> list[Route]:
             lease.release()
             raise
         answer = Response(content, status_code=upstream.status)
-        answer.raw_headers = _response_headers(upstream.raw_headers, keep_length=True)
+        answer.raw_headers = response_headers(upstream.raw_headers, keep_length=True)
         return answer
 
     return [
