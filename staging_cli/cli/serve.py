@@ -52,7 +52,7 @@ def serve(
         list[str] | None,
         typer.Option(
             help="Token of each --worker, in order (one value applies to all). Or use "
-            "[[workers]] tables with url and token in the config file.",
+            "workers tables (url, token) in the config file (see the README).",
             envvar=env("serve_worker_tokens"),
             show_default=False,
         ),
