@@ -25,7 +25,7 @@ import functools
 import json
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -338,8 +338,12 @@ def create_router_app(
     paths: Paths,
     options: RouterOptions | None = None,
     pool: WorkerPool | None = None,
+    on_shutdown: Callable[[], None] | None = None,
 ) -> ASGIApp:
-    """The router ASGI app; the coordinator is opened (and closed) by its lifespan."""
+    """The router ASGI app; the coordinator is opened (and closed) by its lifespan.
+    ``on_shutdown`` (blocking, run in a thread) ends the lifespan: the embedded worker is
+    stopped there, while the server still drains, not after it returned (uvicorn re-raises a
+    SIGTERM once ``serve`` returns, which ends the process before any later cleanup)."""
     opts = options or RouterOptions()
     pool = pool or WorkerPool(workers, paths=paths)
     router = Router(catalog, pool, opts)
@@ -363,6 +367,8 @@ def create_router_app(
                     await adopter
                 await router.coldloads.aclose()
                 await pool.aclose()
+                if on_shutdown is not None:
+                    await asyncio.to_thread(on_shutdown)
 
     app = Starlette(routes=router.routes(), lifespan=lifespan)
     app.state.router = router

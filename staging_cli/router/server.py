@@ -102,6 +102,7 @@ def run_serve(
             options=RouterOptions(
                 token=config.token, load_wait=config.load_wait, failure_grace=config.failure_grace
             ),
+            on_shutdown=stack.close,  # the embedded worker and its backends stop with the router
         )
         sock = bind(config.host, config.port)
         server = uvicorn.Server(uvicorn_config(app, "warning"))

@@ -349,3 +349,42 @@ def test_workers_and_tokens_from_the_config_file(tmp_path: Path) -> None:
         with serve_process(models, env=env) as (_, url):
             answer = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=60)
             assert answer.status_code == 200, answer.text
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_embedded_worker_and_its_backends_stop_with_serve(tmp_path: Path) -> None:
+    env = cli_env(tmp_path / "alone")  # no --worker: the embedded worker and the demo backend
+    models = Path(env["STAGING_CLI_DATA_DIR"]) / "models"
+    models.mkdir(parents=True)
+    settled(make_file(models / "cold.bin", MiB))
+    with serve_process(models, env=env) as (proc, url):
+        answer = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=60)
+        assert answer.status_code == 200 and "demo backend" in answer.text
+        backends = _children(proc.pid)
+        assert backends, "the demo backend should run as a child of serve"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in backends):
+        assert time.monotonic() < deadline, "a backend outlived serve"
+        time.sleep(0.1)
