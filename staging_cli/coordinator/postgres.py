@@ -405,6 +405,22 @@ class PostgresCoordinator(CoordinatorBase):
 
         return await self._run(renew, retry=True)
 
+    async def _update_and_notify(self, key: str, sql: str, params: Any, *, retry: bool) -> bool:
+        """One UPDATE of a job row in its own transaction; when it matched, every process is
+        told (NOTIFY, committed with the change) and so are this process's waiters."""
+
+        async def update(conn: psycopg.AsyncConnection[Any]) -> bool:
+            async with conn.transaction():
+                cur = await conn.execute(sql, params)
+                ok = cur.rowcount == 1
+                if ok:
+                    await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, key))
+                return ok
+
+        ok = await self._run(update, retry=retry)
+        self._notify_local(key)
+        return ok
+
     async def _write_progress(self, key: str, owner: str, attempt: int, progress: Progress) -> bool:
         params = {
             "key": key,
@@ -418,24 +434,16 @@ class PostgresCoordinator(CoordinatorBase):
             "detail": progress.detail,
         }
 
-        async def write(conn: psycopg.AsyncConnection[Any]) -> bool:
-            async with conn.transaction():
-                cur = await conn.execute(
-                    "UPDATE staging_jobs SET phase = %(phase)s, bytes_done = %(done)s, "
-                    "bytes_total = %(total)s, eta_seconds = %(eta)s, detail = %(detail)s, "
-                    "updated_at = clock_timestamp(), heartbeat_at = clock_timestamp(), "
-                    "expires_at = clock_timestamp() + make_interval(secs => %(ttl)s::float8), "
-                    "version = version + 1 " + FENCE,
-                    params,
-                )
-                ok = cur.rowcount == 1
-                if ok:
-                    await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, key))
-                return ok
-
-        ok = await self._run(write, retry=True)
-        self._notify_local(key)
-        return ok
+        return await self._update_and_notify(
+            key,
+            "UPDATE staging_jobs SET phase = %(phase)s, bytes_done = %(done)s, "
+            "bytes_total = %(total)s, eta_seconds = %(eta)s, detail = %(detail)s, "
+            "updated_at = clock_timestamp(), heartbeat_at = clock_timestamp(), "
+            "expires_at = clock_timestamp() + make_interval(secs => %(ttl)s::float8), "
+            "version = version + 1 " + FENCE,
+            params,
+            retry=True,
+        )
 
     async def _finish(
         self,
@@ -456,24 +464,16 @@ class PostgresCoordinator(CoordinatorBase):
             "grace": self.tuning.failure_grace if status == "failed" else None,
         }
 
-        async def finish(conn: psycopg.AsyncConnection[Any]) -> bool:
-            async with conn.transaction():
-                cur = await conn.execute(
-                    "UPDATE staging_jobs SET status = %(status)s, result = %(result)s, "
-                    "error = %(error)s, updated_at = clock_timestamp(), "
-                    "expires_at = clock_timestamp() + make_interval(secs => %(grace)s::float8), "
-                    "phase = CASE WHEN %(status)s = 'succeeded' THEN 'done' ELSE phase END, "
-                    "version = version + 1 " + FENCE,
-                    params,
-                )
-                ok = cur.rowcount == 1
-                if ok:
-                    await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, key))
-                return ok
-
-        ok = await self._run(finish, retry=False)
-        self._notify_local(key)
-        return ok
+        return await self._update_and_notify(
+            key,
+            "UPDATE staging_jobs SET status = %(status)s, result = %(result)s, "
+            "error = %(error)s, updated_at = clock_timestamp(), "
+            "expires_at = clock_timestamp() + make_interval(secs => %(grace)s::float8), "
+            "phase = CASE WHEN %(status)s = 'succeeded' THEN 'done' ELSE phase END, "
+            "version = version + 1 " + FENCE,
+            params,
+            retry=False,  # a lost COMMIT of a finish is ambiguous: never replay it
+        )
 
     async def _fetch(self, keys: Sequence[str]) -> dict[str, JobState]:
         wanted = list(keys)
@@ -492,19 +492,11 @@ class PostgresCoordinator(CoordinatorBase):
         return await self._run(list_all, retry=True)
 
     async def invalidate(self, key: str) -> bool:
-        async def invalidate(conn: psycopg.AsyncConnection[Any]) -> bool:
-            async with conn.transaction():
-                cur = await conn.execute(
-                    "UPDATE staging_jobs SET status = 'released', detail = 'invalidated', "
-                    "expires_at = NULL, updated_at = clock_timestamp(), version = version + 1 "
-                    "WHERE key = %s AND status IN ('succeeded', 'failed')",
-                    (key,),
-                )
-                ok = cur.rowcount == 1
-                if ok:
-                    await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, key))
-                return ok
-
-        ok = await self._run(invalidate, retry=True)
-        self._notify_local(key)
-        return ok
+        return await self._update_and_notify(
+            key,
+            "UPDATE staging_jobs SET status = 'released', detail = 'invalidated', "
+            "expires_at = NULL, updated_at = clock_timestamp(), version = version + 1 "
+            "WHERE key = %s AND status IN ('succeeded', 'failed')",
+            (key,),
+            retry=True,
+        )
