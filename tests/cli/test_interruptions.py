@@ -55,6 +55,15 @@ def stage_process(
         proc.communicate(timeout=10)
 
 
+def stage_to_end(
+    source: Path, url: str, env: dict[str, str], *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``staging-cli stage --json`` to completion (a resume, in these tests)."""
+    cmd = [sys.executable, "-m", "staging_cli", "stage", str(source), "-m", "org/m", "-w", url,
+           "--chunk-size", str(CHUNK), "--json", *extra]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+
 def summary(out: str) -> dict[str, object]:
     lines = [json.loads(line) for line in out.splitlines() if line.strip()]
     final = lines[-1]
@@ -93,26 +102,7 @@ def test_client_sigkill_then_rerun_resumes(tmp_path: Path, machine: str) -> None
         acknowledged = offset_of(w.url)
         assert 0 < acknowledged < SIZE
         rerun_env = env if machine == "same machine" else cli_env(tmp_path / "two")
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "staging_cli",
-                "stage",
-                str(source),
-                "-m",
-                "org/m",
-                "-w",
-                w.url,
-                "--chunk-size",
-                str(CHUNK),
-                "--json",
-            ],
-            capture_output=True,
-            text=True,
-            env=rerun_env,
-            timeout=120,
-        )
+        done = stage_to_end(source, w.url, rerun_env)
         assert done.returncode == 0, done.stderr
         result = summary(done.stdout)
         assert result["resumed_from"] == acknowledged
@@ -156,26 +146,7 @@ def test_frozen_client_does_not_block_a_resume_for_long(tmp_path: Path) -> None:
             frozen.send_signal(signal.SIGSTOP)
             acknowledged = offset_of(w.url)
             started = time.monotonic()
-            done = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "staging_cli",
-                    "stage",
-                    str(source),
-                    "-m",
-                    "org/m",
-                    "-w",
-                    w.url,
-                    "--chunk-size",
-                    str(CHUNK),
-                    "--json",
-                ],
-                capture_output=True,
-                text=True,
-                env=cli_env(tmp_path / "b"),
-                timeout=120,
-            )
+            done = stage_to_end(source, w.url, cli_env(tmp_path / "b"))
             elapsed = time.monotonic() - started
             assert done.returncode == 0, done.stderr
             result = summary(done.stdout)
@@ -200,26 +171,6 @@ def test_ctrl_c_leaves_a_resumable_upload_and_exits_130(tmp_path: Path) -> None:
         assert "run the same command again to resume" in err and "Traceback" not in err
         kept = offset_of(w.url)
         assert kept >= 2 * CHUNK
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "staging_cli",
-                "stage",
-                str(source),
-                "-m",
-                "org/m",
-                "-w",
-                w.url,
-                "--chunk-size",
-                str(CHUNK),
-                "--json",
-                "--no-load",
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
-        )
+        done = stage_to_end(source, w.url, env, "--no-load")
         assert done.returncode == 0, done.stderr
         assert summary(done.stdout)["resumed_from"] == kept
